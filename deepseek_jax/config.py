@@ -1,0 +1,153 @@
+"""The frozen, validated model configuration.
+
+Every experiment config (`experiments/configs/*.py`) holds a `model` ConfigDict; it becomes a
+`ModelConfig` exactly once, through `ModelConfig.from_dict`, and every impossible combination of
+hyperparameters fails there with a `ValueError` that names the field and its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+SCORING_FUNCS = ('sigmoid', 'softmax')
+DTYPES = ('float32', 'bfloat16')
+MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """DeepSeek-V3 hyperparameters; defaults are the released 671B model (arXiv 2412.19437)."""
+
+  vocab_size: int = 129_280                  # V
+  hidden_size: int = 7168                    # D
+  num_layers: int = 61                       # L (main model, without MTP)
+  num_heads: int = 128                       # N
+  qk_nope_head_dim: int = 128                # H
+  qk_rope_head_dim: int = 64                 # R, decoupled rope part of q and the shared rope key
+  v_head_dim: int = 128                      # U, value head dim
+  q_lora_rank: int | None = 1536             # Q; None = one full-rank query projection (V2-Lite)
+  kv_lora_rank: int = 512                    # C
+  intermediate_size: int = 18_432            # F of the dense FFN layers
+  moe_intermediate_size: int = 2048          # F of every routed and shared expert
+  first_k_dense: int = 3                     # the first layers use a dense FFN instead of MoE
+  n_shared_experts: int = 1
+  n_routed_experts: int = 256                # E
+  num_experts_per_tok: int = 8               # K
+  n_group: int = 8                           # G, expert groups (= nodes)
+  topk_group: int = 4                        # M, groups a token may route to
+  routed_scaling_factor: float = 2.5
+  scoring_func: str = 'sigmoid'              # 'sigmoid' (V3) or 'softmax' (V2)
+  norm_topk_prob: bool = True                # normalise gates over the chosen K
+  use_router_bias: bool = True               # aux-loss-free bias (V3's noaux_tc); picks experts only
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10_000.0
+  rope_factor: float = 40.0                  # YaRN scale factor; 1.0 turns YaRN off
+  rope_original_max_position: int = 4096
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float = 1.0
+  rope_mscale_all_dim: float = 1.0
+  max_position_embeddings: int = 163_840
+  mtp_depth: int = 1                         # P, Multi-Token Prediction modules
+  init_std: float = 0.006
+  dtype: str = 'float32'                     # activation dtype; params stay float32
+  moe_matmul: str = 'auto'                   # grouped expert matmul: 'auto' | 'ragged_dot' | 'blocked'
+
+  def __post_init__(self):
+    _validate(self)
+
+  # ---- derived sizes -------------------------------------------------------------------------
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - self.first_k_dense
+
+  @property
+  def yarn(self) -> bool:
+    return self.rope_factor > 1.0
+
+  @property
+  def kv_cache_values_per_token(self) -> int:
+    """What MLA caches per token per layer: the latent c_KV and the shared rope key."""
+    return self.kv_lora_rank + self.qk_rope_head_dim
+
+  # ---- construction --------------------------------------------------------------------------
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
+    """Builds from a plain mapping (e.g. `config.model.to_dict()`); unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f'ModelConfig: unknown field(s) {unknown}; known fields: {sorted(names)}')
+    return cls(**dict(values))
+
+  def replace(self, **changes) -> 'ModelConfig':
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _fail(field: str, value: Any, why: str):
+  raise ValueError(f'ModelConfig.{field}={value!r}: {why}')
+
+
+def _validate(c: ModelConfig) -> None:
+  for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'qk_nope_head_dim',
+               'qk_rope_head_dim', 'v_head_dim', 'kv_lora_rank', 'intermediate_size',
+               'moe_intermediate_size', 'num_experts_per_tok', 'n_group', 'topk_group',
+               'rope_original_max_position', 'max_position_embeddings'):
+    value = getattr(c, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      _fail(name, value, 'must be a positive integer')
+  for name in ('first_k_dense', 'n_shared_experts', 'n_routed_experts', 'mtp_depth'):
+    value = getattr(c, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      _fail(name, value, 'must be a non-negative integer')
+  if c.q_lora_rank is not None and (not isinstance(c.q_lora_rank, int) or c.q_lora_rank <= 0):
+    _fail('q_lora_rank', c.q_lora_rank, 'must be a positive integer or None (plain query)')
+  for name in ('routed_scaling_factor', 'rms_norm_eps', 'rope_theta', 'rope_beta_fast',
+               'rope_beta_slow', 'init_std'):
+    value = getattr(c, name)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+      _fail(name, value, 'must be a positive finite number')
+  if c.rope_factor < 1.0:
+    _fail('rope_factor', c.rope_factor, 'must be >= 1 (1 turns YaRN off)')
+  if c.rope_beta_fast <= c.rope_beta_slow:
+    _fail('rope_beta_fast', c.rope_beta_fast,
+          f'must exceed rope_beta_slow={c.rope_beta_slow} (YaRN ramp)')
+  if c.qk_rope_head_dim % 2:
+    _fail('qk_rope_head_dim', c.qk_rope_head_dim, 'must be even (RoPE rotates pairs)')
+  if c.first_k_dense > c.num_layers:
+    _fail('first_k_dense', c.first_k_dense, f'exceeds num_layers={c.num_layers}')
+  if c.scoring_func not in SCORING_FUNCS:
+    _fail('scoring_func', c.scoring_func, f'must be one of {SCORING_FUNCS}')
+  if c.dtype not in DTYPES:
+    _fail('dtype', c.dtype, f'must be one of {DTYPES}')
+  if c.moe_matmul not in MOE_MATMULS:
+    _fail('moe_matmul', c.moe_matmul, f'must be one of {MOE_MATMULS}')
+  if c.num_moe_layers == 0:
+    return  # an all-dense model: the routing fields are unused
+  if c.n_routed_experts == 0:
+    _fail('n_routed_experts', 0, f'must be positive when num_layers={c.num_layers} > '
+          f'first_k_dense={c.first_k_dense} (MoE layers exist)')
+  if c.num_experts_per_tok > c.n_routed_experts:
+    _fail('num_experts_per_tok', c.num_experts_per_tok,
+          f'exceeds n_routed_experts={c.n_routed_experts}')
+  if c.n_routed_experts % c.n_group:
+    _fail('n_routed_experts', c.n_routed_experts, f'is not divisible by n_group={c.n_group}')
+  if c.topk_group > c.n_group:
+    _fail('topk_group', c.topk_group, f'exceeds n_group={c.n_group}')
+  per_group = c.n_routed_experts // c.n_group
+  if c.num_experts_per_tok > c.topk_group * per_group:
+    _fail('num_experts_per_tok', c.num_experts_per_tok,
+          f'exceeds the experts left after group limiting: topk_group={c.topk_group} x '
+          f'{per_group} experts per group')
+  if c.use_router_bias and c.n_group > 1 and per_group < 2:
+    _fail('n_group', c.n_group, f'leaves {per_group} expert per group; the group score sums '
+          'the top-2 biased scores of a group, so each group needs at least 2 experts')

@@ -1,0 +1,1 @@
+"""Layers of the DeepSeek-V3 model, one idea per file."""

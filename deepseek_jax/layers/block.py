@@ -1,0 +1,37 @@
+"""One pre-norm decoder block: x + MLA(norm(x)), then + FFN(norm(.)), FFN dense or MoE."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.ffn import SwiGLU
+from deepseek_jax.layers.mla import MLA
+from deepseek_jax.layers.moe import MoE, MoEStats
+from deepseek_jax.layers.norm import RMSNorm
+
+
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+  """Layers from `first_k_dense` on (MTP blocks count as layers num_layers, num_layers+1, ...)."""
+  return layer_idx >= cfg.first_k_dense
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.attn = MLA(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    if is_moe_layer(cfg, layer_idx):
+      self.ffn = MoE(cfg, rngs)
+    else:
+      self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std, rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    if isinstance(self.ffn, MoE):
+      out, stats = self.ffn(self.ffn_norm(x))
+      return x + out, stats
+    return x + self.ffn(self.ffn_norm(x)), None

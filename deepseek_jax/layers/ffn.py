@@ -1,0 +1,29 @@
+"""SwiGLU feed-forward: down(silu(x W_gate) * (x W_up)); the dense layers and the shared experts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.layers import param
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  gate = jnp.einsum('...D,DF->...F', x, w_gate)
+  up = jnp.einsum('...D,DF->...F', x, w_up)
+  return jnp.einsum('...F,FD->...D', jax.nn.silu(gate) * up, w_down)
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, hidden_size: int, intermediate_size: int, std: float, rngs: nnx.Rngs):
+    D, F = hidden_size, intermediate_size
+    self.w_gate = param.normal(rngs, (D, F), ('embed', 'mlp'), std)
+    self.w_up = param.normal(rngs, (D, F), ('embed', 'mlp'), std)
+    self.w_down = param.normal(rngs, (F, D), ('mlp', 'embed'), std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    return swiglu(x, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                  self.w_down[...].astype(dt))

@@ -1,0 +1,66 @@
+"""DeepSeekMoE layer (V3 eq. 12): h' = u + sum shared FFN(u) + sum_i g_i FFN_i(u), dropless.
+
+Dispatch sorts the T*K (token, expert) pairs by expert and runs each expert's SwiGLU on exactly
+its rows (`grouped_matmul.expert_swiglu`); combine scatters the rows back and sums them with the
+gates. No token is dropped and no expert computes on tokens it was not given.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import grouped_matmul, param, router
+from deepseek_jax.layers.ffn import SwiGLU
+
+
+class MoEStats(typing.NamedTuple):
+  expert_load: jax.Array       # [E] int32, (token, slot) pairs routed to each expert
+  seq_balance_loss: jax.Array  # [] float32, eqs. 17-20 without alpha
+
+
+def dispatch_combine(x: jax.Array, routing: router.Routing, w_gate: jax.Array, w_up: jax.Array,
+                     w_down: jax.Array, impl: str) -> jax.Array:
+  """x [T, D] -> sum_k gates[t, k] * FFN_{experts[t, k]}(x[t]), [T, D]."""
+  T, K = routing.experts.shape
+  E = w_gate.shape[0]
+  flat_experts = routing.experts.reshape(T * K)
+  order = jnp.argsort(flat_experts, stable=True)  # [T*K] pairs sorted by expert
+  group_sizes = router.expert_load(routing.experts, E)
+  rows = grouped_matmul.expert_swiglu(x[order // K], group_sizes, w_gate, w_up, w_down, impl)
+  per_slot = jnp.zeros_like(rows).at[order].set(rows).reshape(T, K, -1)  # [T, K, D]
+  return jnp.einsum('TKD,TK->TD', per_slot, routing.gates.astype(x.dtype))
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    std = cfg.init_std
+    self.cfg = cfg
+    self.router_kernel = param.normal(rngs, (D, E), ('embed', 'expert'), std)
+    self.router_bias = param.router_bias(E) if cfg.use_router_bias else None
+    self.w_gate = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
+    self.w_up = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
+    self.w_down = param.normal(rngs, (E, F, D), ('expert', 'mlp', 'embed'), std)
+    self.shared_experts = (SwiGLU(D, F * cfg.n_shared_experts, std, rngs)
+                           if cfg.n_shared_experts else None)
+
+  def __call__(self, u: jax.Array) -> tuple[jax.Array, MoEStats]:
+    """u [B, T, D] -> (routed + shared expert output [B, T, D], statistics)."""
+    B, T, D = u.shape
+    dt = u.dtype
+    tokens = u.reshape(B * T, D)
+    bias = None if self.router_bias is None else self.router_bias[...]
+    routing = router.route(tokens, self.router_kernel[...], bias, self.cfg)
+    out = dispatch_combine(tokens, routing, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                           self.w_down[...].astype(dt), self.cfg.moe_matmul).reshape(B, T, D)
+    if self.shared_experts is not None:
+      out = out + self.shared_experts(u)
+    stats = MoEStats(router.expert_load(routing.experts, self.cfg.n_routed_experts),
+                     router.sequence_balance_loss(routing, B, self.cfg))
+    return out, stats

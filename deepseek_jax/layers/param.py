@@ -1,0 +1,30 @@
+"""Parameter constructors that attach logical axis names for the sharding rules table.
+
+Logical names used across the model: `vocab`, `embed`, `heads`, `head_dim`, `q_latent`,
+`kv_latent`, `rope`, `mlp`, `expert`, `norm`. The sharding issue maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RouterBias(nnx.Variable):
+  """Aux-loss-free balancing bias b_i: picks experts only, gets no gradient and no decay."""
+
+
+def normal(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           std: float) -> nnx.Param:
+  assert len(shape) == len(axes), (shape, axes)
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, out_sharding=axes)
+
+
+def ones(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
+
+
+def router_bias(num_experts: int) -> RouterBias:
+  return RouterBias(jnp.zeros((num_experts,), jnp.float32), out_sharding=('expert',))
