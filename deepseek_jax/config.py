@@ -131,11 +131,12 @@ def _validate(c: ModelConfig) -> None:
     _fail('dtype', c.dtype, f'must be one of {DTYPES}')
   if c.moe_matmul not in MOE_MATMULS:
     _fail('moe_matmul', c.moe_matmul, f'must be one of {MOE_MATMULS}')
-  if c.num_moe_layers == 0:
-    return  # an all-dense model: the routing fields are unused
+  if c.num_moe_layers == 0 and c.mtp_depth == 0:
+    return  # an all-dense model: the routing fields are unused (MTP blocks are MoE layers)
   if c.n_routed_experts == 0:
-    _fail('n_routed_experts', 0, f'must be positive when num_layers={c.num_layers} > '
-          f'first_k_dense={c.first_k_dense} (MoE layers exist)')
+    _fail('n_routed_experts', 0, f'must be positive when MoE layers exist (num_layers='
+          f'{c.num_layers}, first_k_dense={c.first_k_dense}, mtp_depth={c.mtp_depth}; '
+          'every MTP block is an MoE layer)')
   if c.num_experts_per_tok > c.n_routed_experts:
     _fail('num_experts_per_tok', c.num_experts_per_tok,
           f'exceeds n_routed_experts={c.n_routed_experts}')

@@ -1,0 +1,1 @@
+"""Analyses computed from the codebase's own configs and model (no separate formulas)."""

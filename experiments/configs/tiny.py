@@ -1,0 +1,39 @@
+"""A tiny DeepSeek-V3 (MLA, 16-expert DeepSeekMoE with groups and the aux-free bias, MTP depth 1)
+that trains on a laptop CPU on byte-level text."""
+
+from experiments.configs import common
+
+
+def get_config():
+  return common.base_config(dict(
+      vocab_size=256,             # bytes
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      qk_nope_head_dim=32,
+      qk_rope_head_dim=16,
+      v_head_dim=32,
+      q_lora_rank=64,
+      kv_lora_rank=32,
+      intermediate_size=384,
+      moe_intermediate_size=64,
+      first_k_dense=1,
+      n_shared_experts=1,
+      n_routed_experts=16,
+      num_experts_per_tok=4,
+      n_group=4,
+      topk_group=2,
+      routed_scaling_factor=2.5,
+      scoring_func='sigmoid',
+      norm_topk_prob=True,
+      use_router_bias=True,
+      rms_norm_eps=1e-6,
+      rope_theta=10_000.0,
+      rope_factor=1.0,            # no YaRN at this length
+      rope_original_max_position=1024,
+      max_position_embeddings=1024,
+      mtp_depth=1,
+      init_std=0.02,
+      dtype='float32',
+      moe_matmul='auto',
+  ))
