@@ -1,0 +1,371 @@
+"""Hugging Face DeepSeek-V3 (and V2) checkpoints -> our model: config, tensor names and layouts.
+
+HF keeps `nn.Linear` weights as [out, in] with the heads fused into `out`; we keep einsum layouts
+[in, ..., out] with heads as their own axis. `tensor_plan` lists, for every tensor of a checkpoint,
+where it goes and how it is reshaped; `load_pretrained` checks the whole plan against the file
+headers (missing, unknown, wrong shape) before it reads a byte, then fills the abstract model one
+tensor at a time, dequantizing FP8 weights (128x128 `weight_scale_inv` blocks) on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.convert import safetensors_io
+from deepseek_jax.layers import rope
+from deepseek_jax.layers.block import is_moe_layer
+
+SCALE_SUFFIX = '_scale_inv'
+FP8 = safetensors_io.DTYPES['F8_E4M3']
+TOPK_METHODS = {'noaux_tc': True, 'greedy': False, 'group_limited_greedy': False}  # -> router bias
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def _reject(key: str, value, why: str):
+  raise ValueError(f'config.json {key}={value!r}: {why}')
+
+
+def _rope_from_hf(hf: dict) -> dict:
+  """Our rope fields from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+  key = 'rope_parameters' if hf.get('rope_parameters') else 'rope_scaling'
+  params = dict(hf.get(key) or {})
+  if any(isinstance(v, dict) for v in params.values()):
+    _reject(key, params, 'per-layer-type rope parameters are not implemented')
+  theta = float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind in ('default', None):
+    return dict(rope_theta=theta, rope_factor=1.0)
+  if kind != 'yarn':
+    _reject(f'{key}.rope_type', kind, "only 'default' and 'yarn' rope are implemented")
+  if params.get('truncate', True) is False:
+    _reject(f'{key}.truncate', False, 'only the truncated (floor/ceil) YaRN ramp is implemented')
+  max_pos = hf.get('max_position_embeddings', 163_840)
+  original = params.get('original_max_position_embeddings') or max_pos  # HF's setdefault
+  factor = params.get('factor') or max_pos / original                   # HF's fallback
+  mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+  attention_factor = params.get('attention_factor')
+  # HF scales the softmax by yarn_mscale(f, mscale_all_dim)^2 iff mscale_all_dim is truthy, and
+  # cos/sin by `attention_factor`, which defaults to yarn_mscale(f, mscale) / yarn_mscale(f,
+  # mscale_all_dim) only when both keys are truthy, else to yarn_mscale(f, 1). We scale cos/sin by
+  # yarn_mscale(f, m) / yarn_mscale(f, m_all), so solve for the m that gives HF's factor.
+  m_all = float(mscale_all_dim or 0.0)
+  log_f = 0.1 * math.log(factor) if factor > 1 else 0.0
+  if attention_factor is not None:
+    if not log_f and attention_factor != 1:
+      _reject(f'{key}.attention_factor', attention_factor, 'needs factor > 1 to be expressed')
+    m = (attention_factor * rope.yarn_mscale(factor, m_all) - 1) / log_f if log_f else 1.0
+  elif mscale and m_all:
+    m = float(mscale)
+  elif m_all:
+    m = 1.0 + m_all + m_all * log_f  # yarn_mscale(f, m) = yarn_mscale(f, 1) * yarn_mscale(f, m_all)
+  else:
+    m = 1.0
+  return dict(rope_theta=theta, rope_factor=float(factor), rope_original_max_position=int(original),
+              rope_beta_fast=float(params.get('beta_fast') or 32),
+              rope_beta_slow=float(params.get('beta_slow') or 1),
+              rope_mscale=m, rope_mscale_all_dim=m_all)
+
+
+def config_from_hf(hf: dict, *, mtp_depth: int | None = None) -> ModelConfig:
+  """A `ModelConfig` from a DeepSeek-V3 / V2 `config.json` dict.
+
+  `mtp_depth` defaults to the MTP layers the config declares; `load_pretrained` passes the number
+  actually present in the weights (HF's `save_pretrained` declares one but writes none).
+  """
+  model_type = hf.get('model_type', 'deepseek_v3')
+  for key, default, wanted in (('hidden_act', 'silu', 'silu'), ('attention_bias', False, False),
+                               ('mlp_bias', False, False), ('rope_interleave', True, True),
+                               ('tie_word_embeddings', False, False), ('moe_layer_freq', 1, 1)):
+    if hf.get(key, default) != wanted:
+      _reject(key, hf[key], f'only {wanted!r} is implemented')
+  heads = hf['num_attention_heads']
+  if hf.get('num_key_value_heads') not in (None, heads):
+    _reject('num_key_value_heads', hf['num_key_value_heads'],
+            f'MLA expands the latent to every head: must equal num_attention_heads={heads}')
+  topk_method = hf.get('topk_method', 'noaux_tc' if model_type == 'deepseek_v3' else 'greedy')
+  if topk_method not in TOPK_METHODS:
+    _reject('topk_method', topk_method, f'expected one of {sorted(TOPK_METHODS)}')
+  n_group, topk_group = hf.get('n_group') or 1, hf.get('topk_group') or 1
+  if topk_method == 'greedy':  # V2's plain top-K: no group limit whatever n_group says
+    n_group = topk_group = 1
+  num_layers = hf['num_hidden_layers']
+  n_routed = hf.get('n_routed_experts')
+  if mtp_depth is None:
+    mtp_depth = hf.get('num_nextn_predict_layers', hf.get('num_mtp_layers', 0)) or 0
+  return ModelConfig(
+      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'], num_layers=num_layers,
+      num_heads=heads, qk_nope_head_dim=hf['qk_nope_head_dim'],
+      qk_rope_head_dim=hf['qk_rope_head_dim'], v_head_dim=hf['v_head_dim'],
+      q_lora_rank=hf.get('q_lora_rank'), kv_lora_rank=hf['kv_lora_rank'],
+      intermediate_size=hf['intermediate_size'],
+      moe_intermediate_size=hf['moe_intermediate_size'],
+      # V2: n_routed_experts null means no MoE layer at all
+      first_k_dense=hf.get('first_k_dense_replace', 0) if n_routed else num_layers,
+      n_shared_experts=hf.get('n_shared_experts') or 0, n_routed_experts=n_routed or 0,
+      num_experts_per_tok=hf.get('num_experts_per_tok') or 1, n_group=n_group,
+      topk_group=topk_group, routed_scaling_factor=float(hf.get('routed_scaling_factor', 1.0)),
+      scoring_func=hf.get('scoring_func', 'softmax' if model_type == 'deepseek_v2' else 'sigmoid'),
+      norm_topk_prob=bool(hf.get('norm_topk_prob', model_type != 'deepseek_v2')),
+      use_router_bias=TOPK_METHODS[topk_method], rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      max_position_embeddings=hf.get('max_position_embeddings', 163_840), mtp_depth=mtp_depth,
+      **_rope_from_hf(hf))  # init_std stays the paper's 0.006: the released config says 0.02
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+  """The inverse of `config_from_hf`: a `DeepseekV3Config(**d)` dict. HF's DeepseekV3 router is
+  always sigmoid with the bias, so only such configs give an HF model computing what ours does."""
+  rope_parameters = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.yarn:
+    rope_parameters.update(
+        rope_type='yarn', factor=cfg.rope_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position,
+        beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
+        mscale_all_dim=cfg.rope_mscale_all_dim)
+    if not (cfg.rope_mscale and cfg.rope_mscale_all_dim):  # HF's default differs: be explicit
+      rope_parameters['attention_factor'] = rope.cos_sin_scale(cfg)
+  topk_method = 'noaux_tc' if cfg.use_router_bias else (
+      'group_limited_greedy' if cfg.n_group > 1 else 'greedy')
+  return dict(
+      model_type='deepseek_v3', architectures=['DeepseekV3ForCausalLM'],
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+      qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+      v_head_dim=cfg.v_head_dim, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+      intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.moe_intermediate_size,
+      first_k_dense_replace=cfg.first_k_dense, n_shared_experts=cfg.n_shared_experts,
+      n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+      n_group=cfg.n_group, topk_group=cfg.topk_group, topk_method=topk_method,
+      routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func,
+      norm_topk_prob=cfg.norm_topk_prob, rms_norm_eps=cfg.rms_norm_eps,
+      max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope_parameters,
+      num_nextn_predict_layers=cfg.mtp_depth, initializer_range=cfg.init_std, hidden_act='silu',
+      attention_bias=False, rope_interleave=True, tie_word_embeddings=False)
+
+
+# ---- tensor plan -------------------------------------------------------------------------------
+
+Path = tuple  # a leaf path of the split model state, e.g. ('layers', 3, 'attn', 'w_uq')
+
+
+class Rule(typing.NamedTuple):
+  sources: dict[str, tuple[int, ...]]  # HF tensor name -> expected shape
+  targets: tuple[Path, ...]
+  convert: typing.Callable[..., tuple[np.ndarray, ...]]  # sources in order -> targets in order
+
+
+def _linear(name: str, out_dim: int, in_dim: int, target: Path) -> Rule:
+  return Rule({name: (out_dim, in_dim)}, (target,), lambda w: (w.T,))
+
+
+def _as_is(name: str, shape: tuple[int, ...], target: Path) -> Rule:
+  return Rule({name: shape}, (target,), lambda w: (w,))
+
+
+def _split_heads(w: np.ndarray, heads: int, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+  """[N * sum(sizes), in] with rows head-major -> one [in, N, size] per part of each head."""
+  w = w.reshape(heads, sum(sizes), w.shape[-1])
+  return tuple(p.transpose(2, 0, 1) for p in np.split(w, np.cumsum(sizes)[:-1], axis=1))
+
+
+def _attention(cfg: ModelConfig, hf: str, ours: Path) -> list[Rule]:
+  D, N, H, R, U, C = (cfg.hidden_size, cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                      cfg.v_head_dim, cfg.kv_lora_rank)
+  split_q = lambda w: _split_heads(w, N, (H, R))  # each head's rows: H nope, then R rope
+  if cfg.q_lora_rank is None:
+    rules = [Rule({f'{hf}.q_proj.weight': (N * (H + R), D)}, (ours + ('w_q',), ours + ('w_qr',)),
+                  split_q)]
+  else:
+    Q = cfg.q_lora_rank
+    rules = [_linear(f'{hf}.q_a_proj.weight', Q, D, ours + ('w_dq',)),
+             _as_is(f'{hf}.q_a_layernorm.weight', (Q,), ours + ('q_norm', 'weight')),
+             Rule({f'{hf}.q_b_proj.weight': (N * (H + R), Q)},
+                  (ours + ('w_uq',), ours + ('w_qr',)), split_q)]
+  return rules + [
+      # rows: the C latent dims, then the R dims of the one rope key shared by all heads
+      Rule({f'{hf}.kv_a_proj_with_mqa.weight': (C + R, D)}, (ours + ('w_dkv',), ours + ('w_kr',)),
+           lambda w: (w[:C].T, w[C:].T)),
+      _as_is(f'{hf}.kv_a_layernorm.weight', (C,), ours + ('kv_norm', 'weight')),
+      Rule({f'{hf}.kv_b_proj.weight': (N * (H + U), C)}, (ours + ('w_uk',), ours + ('w_uv',)),
+           lambda w: _split_heads(w, N, (H, U))),  # each head's rows: H key dims, then U values
+      # columns head-major (n * U + u) -> [N, U, D]
+      Rule({f'{hf}.o_proj.weight': (D, N * U)}, (ours + ('w_o',),),
+           lambda w: (w.reshape(D, N, U).transpose(1, 2, 0),)),
+  ]
+
+
+def _swiglu(hf: str, ours: Path, D: int, F: int) -> list[Rule]:
+  return [_linear(f'{hf}.gate_proj.weight', F, D, ours + ('w_gate',)),
+          _linear(f'{hf}.up_proj.weight', F, D, ours + ('w_up',)),
+          _linear(f'{hf}.down_proj.weight', D, F, ours + ('w_down',))]
+
+
+def _moe(cfg: ModelConfig, hf: str, ours: Path, names: set[str]) -> list[Rule]:
+  D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+  experts = (ours + ('w_gate',), ours + ('w_up',), ours + ('w_down',))
+  rules = [_linear(f'{hf}.gate.weight', E, D, ours + ('router_kernel',))]
+  if cfg.use_router_bias:
+    rules.append(_as_is(f'{hf}.gate.e_score_correction_bias', (E,), ours + ('router_bias',)))
+  if f'{hf}.experts.gate_up_proj' in names:
+    # transformers >= 5 fused layout: gate_up [E, 2F, D] (gate rows, then up), down [E, D, F]
+    rules.append(Rule({f'{hf}.experts.gate_up_proj': (E, 2 * F, D),
+                       f'{hf}.experts.down_proj': (E, D, F)}, experts,
+                      lambda gate_up, down: (gate_up[:, :F].transpose(0, 2, 1),
+                                             gate_up[:, F:].transpose(0, 2, 1),
+                                             down.transpose(0, 2, 1))))
+  else:  # one nn.Linear per expert, as released and as save_pretrained writes
+    sources = {}
+    for j in range(E):
+      sources.update({f'{hf}.experts.{j}.gate_proj.weight': (F, D),
+                      f'{hf}.experts.{j}.up_proj.weight': (F, D),
+                      f'{hf}.experts.{j}.down_proj.weight': (D, F)})
+    rules.append(Rule(sources, experts, lambda *w: tuple(
+        np.stack([x.T for x in w[part::3]]) for part in range(3))))
+  if cfg.n_shared_experts:
+    rules += _swiglu(f'{hf}.shared_experts', ours + ('shared_experts',), D,
+                     F * cfg.n_shared_experts)
+  return rules
+
+
+def _block(cfg: ModelConfig, index: int, ours: Path, names: set[str]) -> list[Rule]:
+  hf, D = f'model.layers.{index}', cfg.hidden_size
+  rules = [_as_is(f'{hf}.input_layernorm.weight', (D,), ours + ('attn_norm', 'weight')),
+           _as_is(f'{hf}.post_attention_layernorm.weight', (D,), ours + ('ffn_norm', 'weight'))]
+  rules += _attention(cfg, f'{hf}.self_attn', ours + ('attn',))
+  if is_moe_layer(cfg, index):  # MTP blocks (index >= num_layers) are MoE, in HF too
+    return rules + _moe(cfg, f'{hf}.mlp', ours + ('ffn',), names)
+  return rules + _swiglu(f'{hf}.mlp', ours + ('ffn',), D, cfg.intermediate_size)
+
+
+def tensor_plan(cfg: ModelConfig, names: set[str]) -> tuple[list[Rule], dict[str, tuple]]:
+  """Every rule that fills the model, and the tolerated extra tensors (name -> expected shape):
+  the MTP layers' copies of the embedding and head, which are the main model's."""
+  V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_layers
+  rules = [_as_is('model.embed_tokens.weight', (V, D), ('embed',)),
+           _linear('lm_head.weight', V, D, ('head',)),
+           _as_is('model.norm.weight', (D,), ('norm', 'weight'))]
+  for i in range(L):
+    rules += _block(cfg, i, ('layers', i), names)
+  copies = {}
+  for k in range(cfg.mtp_depth):
+    hf, ours = f'model.layers.{L + k}', ('mtp', k)
+    rules += [_as_is(f'{hf}.enorm.weight', (D,), ours + ('enorm', 'weight')),
+              _as_is(f'{hf}.hnorm.weight', (D,), ours + ('hnorm', 'weight')),
+              # input columns: [enorm(embedding); hnorm(hidden)]
+              _linear(f'{hf}.eh_proj.weight', D, 2 * D, ours + ('eh_proj',)),
+              _as_is(f'{hf}.shared_head.norm.weight', (D,), ours + ('norm', 'weight'))]
+    rules += _block(cfg, L + k, ours + ('block',), names)
+    copies.update({f'{hf}.embed_tokens.weight': (V, D), f'{hf}.shared_head.head.weight': (V, D)})
+  return rules, copies
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+  """The `weight_scale_inv` grid of a [..., out, in] weight: one scale per block, edges included."""
+  return tuple(shape[:-2]) + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+
+
+def dequantize(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128),
+               name: str = 'weight') -> np.ndarray:
+  """FP8 w [..., out, in] times its per-block scale, in float32; edge blocks are cropped."""
+  out_dim, in_dim = w.shape[-2:]
+  if scale_inv.shape != scale_shape(w.shape, block):
+    raise ValueError(f'{name}{SCALE_SUFFIX}: shape {scale_inv.shape}, expected '
+                     f'{scale_shape(w.shape, block)} for {name} {w.shape} in {block} blocks')
+  scale = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], axis=-2), block[1],
+                    axis=-1)[..., :out_dim, :in_dim]
+  return w.astype(np.float32) * scale
+
+
+def _check(ckpt: safetensors_io.Checkpoint, rules: list[Rule], copies: dict,
+           block: tuple[int, int], where: str):
+  """Missing, unknown and mis-shaped tensors, all before anything is read."""
+  expected = {name: shape for rule in rules for name, shape in rule.sources.items()}
+  names = ckpt.names()
+  missing = sorted(set(expected) - names)
+  if missing:
+    raise ValueError(f'{where}: missing tensor(s) {missing[:8]}' + (
+        f' and {len(missing) - 8} more' if len(missing) > 8 else ''))
+  scales = {n for n in names if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in expected}
+  unknown = sorted(names - set(expected) - set(copies) - scales)
+  if unknown:
+    listed = ', '.join(f'{n!r} ({ckpt.file_of(n)})' for n in unknown[:8])
+    raise ValueError(f'{where}: unknown tensor(s) {listed}' + (
+        f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''))
+  for name, shape in list(expected.items()) + [(n, s) for n, s in copies.items() if n in names]:
+    if ckpt.shape(name) != tuple(shape):
+      raise ValueError(f'{where}: tensor {name!r} ({ckpt.file_of(name)}) has shape '
+                       f'{ckpt.shape(name)}, expected {tuple(shape)}')
+    scale = name + SCALE_SUFFIX
+    if (ckpt.dtype(name) == FP8) != (scale in names):
+      raise ValueError(f'{where}: tensor {name!r} ({ckpt.file_of(name)}) is {ckpt.dtype(name)} '
+                       f'{"with" if scale in names else "without"} a {SCALE_SUFFIX} sibling; '
+                       'FP8 weights, and only they, carry one')
+    if scale in names and ckpt.shape(scale) != scale_shape(shape, block):
+      raise ValueError(f'{where}: tensor {scale!r} ({ckpt.file_of(scale)}) has shape '
+                       f'{ckpt.shape(scale)}, expected {scale_shape(shape, block)}')
+
+
+def _read(ckpt: safetensors_io.Checkpoint, name: str, block: tuple[int, int]) -> np.ndarray:
+  w = ckpt.get(name)
+  if w.dtype == FP8:
+    return dequantize(w, ckpt.get(name + SCALE_SUFFIX), block, name)
+  return np.asarray(w, np.float32)
+
+
+def mtp_layers_in(names: set[str], num_layers: int) -> int:
+  """MTP depth present in a checkpoint: layers numbered num_layers, num_layers + 1, ..."""
+  indices = {int(m.group(1)) for n in names if (m := re.match(r'model\.layers\.(\d+)\.', n))}
+  extra = [i for i in indices if i >= num_layers]
+  return max(extra) - num_layers + 1 if extra else 0  # gaps show up as missing tensors
+
+
+def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None,
+                    rules=None) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
+  """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (float32 params, FP8 or not),
+  without initialising the model; with `mesh`, each parameter lands with its sharding."""
+  directory = pathlib.Path(path)
+  if not (directory / 'config.json').is_file():
+    raise FileNotFoundError(f'load_pretrained: {directory / "config.json"} not found '
+                            '(expected a save_pretrained directory)')
+  hf = json.loads((directory / 'config.json').read_text())
+  ckpt = safetensors_io.Checkpoint(directory)
+  names = ckpt.names()
+  cfg = config_from_hf(hf, mtp_depth=mtp_layers_in(names, hf['num_hidden_layers']))
+  block = tuple((hf.get('quantization_config') or {}).get('weight_block_size', (128, 128)))
+  plan, copies = tensor_plan(cfg, names)
+  _check(ckpt, plan, copies, block, str(directory))
+
+  graphdef, state = nnx.split(model_lib.abstract(cfg))
+  leaves = dict(nnx.to_flat_state(state))
+  if mesh is not None:
+    with nnx.logical_axis_rules(rules or ()):
+      shardings = dict(nnx.to_flat_state(nnx.get_named_sharding(state, mesh)))
+  filled = {}
+  for rule in plan:
+    values = rule.convert(*[_read(ckpt, name, block) for name in rule.sources])
+    for target, value in zip(rule.targets, values):
+      leaf = leaves[target]
+      if value.shape != leaf.get_value().shape:  # a plan bug, not a checkpoint problem
+        raise ValueError(f'{target}: {value.shape} from {list(rule.sources)[:3]}, model expects '
+                         f'{leaf.get_value().shape}')
+      value = np.ascontiguousarray(value, np.float32)
+      array = (jnp.asarray(value) if mesh is None
+               else jax.device_put(value, shardings[target].get_value()))
+      filled[target] = leaf.replace(array)
+  unfilled = sorted(set(leaves) - set(filled), key=str)
+  if unfilled:
+    raise ValueError(f'load_pretrained: no checkpoint tensor fills {unfilled[:8]}')
+  return cfg, nnx.merge(graphdef, nnx.from_flat_state(filled))
