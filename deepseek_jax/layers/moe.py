@@ -23,14 +23,14 @@ class MoEStats(typing.NamedTuple):
   seq_balance_loss: jax.Array  # [] float32, eqs. 17-20 without alpha
 
 
-def dispatch_combine(x: jax.Array, routing: router.Routing, w_gate: jax.Array, w_up: jax.Array,
-                     w_down: jax.Array, impl: str) -> jax.Array:
-  """x [T, D] -> sum_k gates[t, k] * FFN_{experts[t, k]}(x[t]), [T, D]."""
+def dispatch_combine(x: jax.Array, routing: router.Routing, group_sizes: jax.Array,
+                     w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, impl: str) -> jax.Array:
+  """x [T, D] -> sum_k gates[t, k] * FFN_{experts[t, k]}(x[t]), [T, D].
+
+  `group_sizes` [E] is `router.expert_load(routing.experts, E)`: rows per expert once sorted.
+  """
   T, K = routing.experts.shape
-  E = w_gate.shape[0]
-  flat_experts = routing.experts.reshape(T * K)
-  order = jnp.argsort(flat_experts, stable=True)  # [T*K] pairs sorted by expert
-  group_sizes = router.expert_load(routing.experts, E)
+  order = jnp.argsort(routing.experts.reshape(T * K), stable=True)  # pairs sorted by expert
   rows = grouped_matmul.expert_swiglu(x[order // K], group_sizes, w_gate, w_up, w_down, impl)
   per_slot = jnp.zeros_like(rows).at[order].set(rows).reshape(T, K, -1)  # [T, K, D]
   return jnp.einsum('TKD,TK->TD', per_slot, routing.gates.astype(x.dtype))
@@ -57,10 +57,11 @@ class MoE(nnx.Module):
     tokens = u.reshape(B * T, D)
     bias = None if self.router_bias is None else self.router_bias[...]
     routing = router.route(tokens, self.router_kernel[...], bias, self.cfg)
-    out = dispatch_combine(tokens, routing, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                           self.w_down[...].astype(dt), self.cfg.moe_matmul).reshape(B, T, D)
+    load = router.expert_load(routing.experts, self.cfg.n_routed_experts)
+    out = dispatch_combine(tokens, routing, load, self.w_gate[...].astype(dt),
+                           self.w_up[...].astype(dt), self.w_down[...].astype(dt),
+                           self.cfg.moe_matmul).reshape(B, T, D)
     if self.shared_experts is not None:
       out = out + self.shared_experts(u)
-    stats = MoEStats(router.expert_load(routing.experts, self.cfg.n_routed_experts),
-                     router.sequence_balance_loss(routing, B, self.cfg))
+    stats = MoEStats(load, router.sequence_balance_loss(routing, B, self.cfg))
     return out, stats
