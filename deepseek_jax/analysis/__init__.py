@@ -1,1 +1,2 @@
-"""Analyses computed from the codebase's own configs and model (no separate formulas)."""
+"""The papers' tables recomputed: our models' figures come from the codebase's own configs and
+model (parameter counts from jax.eval_shape, no separate formula); other models are plain data."""
