@@ -1,0 +1,77 @@
+"""The training objective: next-token cross-entropy + lambda * MTP loss + alpha * balance loss.
+
+  L = CE(main) + lambda/P sum_k L_MTP,k (V3 eq. 25) + alpha * mean over MoE layers of L_bal (eq. 17)
+
+Each cross-entropy is averaged over the positions that have a target. MTP depth k at position i
+predicts token i+k+1, i.e. `targets[:, i+k]` (`targets[:, i]` is token i+1); the last k positions
+have no such token and are masked. (Eq. 24 divides depth k's sum of T-k terms by T; we divide by
+the number of positions that have a target, which the padding mask needs anyway.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.model import ModelOutput
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [B, T, V], targets [B, T] int, mask [B, T] -> (sum of -log p(target), count)."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T], stable: subtracts the max
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  mask = mask.astype(bool)
+  nll = jnp.where(mask, log_z - target_logit, 0.0)  # masked ids may be padding (-1)
+  return jnp.sum(nll), jnp.sum(mask.astype(jnp.float32))
+
+
+def shift_left(x: jax.Array, k: int) -> jax.Array:
+  """x [B, T] -> x[:, k:] padded with k zeros on the right: position i sees x[:, i+k]."""
+  return jnp.concatenate([x[:, k:], jnp.zeros_like(x[:, :k])], axis=1)
+
+
+def mtp_weight(step: jax.Array | int, train) -> jax.Array:
+  """lambda: `mtp_weight`, or `mtp_weight_late` from `mtp_weight_switch_step` on (V3 §4.2:
+  0.3 for the first 10T tokens, 0.1 after). `step` may be traced."""
+  if train.mtp_weight_switch_step < 0:
+    return jnp.asarray(train.mtp_weight, jnp.float32)
+  return jnp.where(jnp.asarray(step) < train.mtp_weight_switch_step,
+                   jnp.float32(train.mtp_weight), jnp.float32(train.mtp_weight_late))
+
+
+def max_violation(expert_load: jax.Array) -> jax.Array:
+  """MaxVio = max_i load_i / mean load - 1 per MoE layer, averaged over layers; 0 without any."""
+  if expert_load.shape[0] == 0:
+    return jnp.float32(0.0)
+  load = expert_load.astype(jnp.float32)  # [M, E]
+  mean = jnp.mean(load, axis=-1)
+  vio = jnp.where(mean > 0, jnp.max(load, axis=-1) / jnp.maximum(mean, 1e-30) - 1.0, 0.0)
+  return jnp.mean(vio)
+
+
+def total_loss(output: ModelOutput, targets: jax.Array, mask: jax.Array, step: jax.Array | int,
+               train) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The scalar training loss and a flat dict of float32 scalar metrics.
+
+  targets [B, T] are the next tokens (targets[:, i] = token i+1), mask [B, T] marks real ones.
+  """
+  ce_sum, tokens = cross_entropy(output.logits, targets, mask)
+  ce = ce_sum / jnp.maximum(tokens, 1.0)
+
+  depth_losses = []
+  for k in range(1, output.mtp_logits.shape[0] + 1):
+    # Depth k at position i predicts token i+k+1 = targets[:, i+k]; the shift pads with mask 0.
+    k_sum, k_count = cross_entropy(output.mtp_logits[k - 1], shift_left(targets, k),
+                                   shift_left(mask.astype(jnp.float32), k))
+    depth_losses.append(k_sum / jnp.maximum(k_count, 1.0))
+  mtp = jnp.mean(jnp.stack(depth_losses)) if depth_losses else jnp.float32(0.0)
+
+  seq_bal = output.seq_balance_loss
+  bal = jnp.mean(seq_bal) if seq_bal.shape[0] else jnp.float32(0.0)  # eqs. 17-20, without alpha
+
+  loss = ce + mtp_weight(step, train) * mtp + train.bal_alpha * bal  # eq. 25: lambda/P sum_k
+  metrics = dict(loss=loss, ce_loss=ce, mtp_loss=mtp, bal_loss=bal,
+                 max_vio=max_violation(output.expert_load), tokens=tokens)
+  return loss, {name: value.astype(jnp.float32) for name, value in metrics.items()}

@@ -1,0 +1,196 @@
+"""The optimizer: AdamW on the parameters, the aux-loss-free bias update on the router biases.
+
+The trainable tree is `{'params': State[nnx.Param], 'router_bias': State[RouterBias]}`
+(`split_trainable`). `optax.partition` routes its two subtrees:
+- 'adamw': global-norm clipping, Adam (moments optionally in BF16, V3 §3.3), decoupled weight decay
+  on matrices only, and the warm-up + cosine learning-rate schedule;
+- 'bias': the aux-loss-free balancing of V3 §2.1.2, b_i -= gamma * sign(load_i - mean load), which
+  reads the step's expert load from the extra argument `expert_load` and ignores its "gradient".
+The router bias therefore has no Adam moments, no weight decay and no share of the clipping norm.
+
+In a train step:
+  loads = bias_loads(tree['router_bias'], out.expert_load, cfg)
+  updates, opt_state = tx.update(grads, opt_state, tree, expert_load=loads)
+  tree = optax.apply_updates(tree, updates)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.param import RouterBias
+
+LABELS = {'params': 'adamw', 'router_bias': 'bias'}  # a prefix of the trainable tree
+
+
+def default_train_fields() -> dict[str, Any]:
+  """The `train.*` fields this module and `loss.py` read, with their defaults."""
+  return dict(
+      warmup_steps=100,
+      min_lr_ratio=0.1,            # cosine decays to learning_rate * min_lr_ratio at `steps`
+      weight_decay=0.1,            # V3 §4.2
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,               # global norm over the parameters' gradients
+      bf16_moments=False,          # AdamW mu and nu in bfloat16 (V3 §3.3)
+      bias_gamma=1e-3,             # aux-loss-free bias update speed (V3 §2.1.2)
+      bal_alpha=1e-4,              # sequence-wise balance loss weight (eq. 17)
+      mtp_weight=0.3,              # lambda of eq. 25
+      mtp_weight_late=0.1,
+      mtp_weight_switch_step=-1,   # step from which mtp_weight_late applies; -1: constant
+  )
+
+
+# ---- the trainable tree ----------------------------------------------------------------------
+
+def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, nnx.State], nnx.State]:
+  """model -> (graphdef, {'params': Param state, 'router_bias': RouterBias state}, rest)."""
+  graphdef, params, router_bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+  return graphdef, {'params': params, 'router_bias': router_bias}, rest
+
+
+def merge_trainable(graphdef: nnx.GraphDef, tree: dict[str, nnx.State],
+                    rest: nnx.State) -> nnx.Module:
+  """The inverse of `split_trainable`."""
+  return nnx.merge(graphdef, tree['params'], tree['router_bias'], rest)
+
+
+def bias_loads(router_bias_state: nnx.State, expert_load: jax.Array, cfg: ModelConfig) -> nnx.State:
+  """Each router bias's row of the model's `expert_load` [M, E], in the bias state's structure.
+
+  Rows are the MoE layers in order (main layer i >= first_k_dense is row i - first_k_dense),
+  then MTP module k's block (row num_layers - first_k_dense + k).
+  """
+  rows = cfg.num_moe_layers + cfg.mtp_depth
+  if expert_load.shape != (rows, cfg.n_routed_experts):
+    raise ValueError(f'expert_load has shape {expert_load.shape}; the model has {rows} MoE '
+                     f'layers of {cfg.n_routed_experts} experts')
+
+  def row(path) -> int:
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    if keys[:1] == ('layers',) and keys[2:] == ('ffn', 'router_bias'):
+      if keys[1] >= cfg.first_k_dense:  # a dense layer's row would silently index from the end
+        return keys[1] - cfg.first_k_dense
+    if keys[:1] == ('mtp',) and keys[2:] == ('block', 'ffn', 'router_bias'):
+      return cfg.num_moe_layers + keys[1]
+    raise ValueError(f'no expert-load row for the router bias at {keys}')
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: expert_load[row(path)],
+                                          router_bias_state)
+
+
+def _key_names(path) -> tuple:
+  """The dict keys and indices of a pytree path (a Variable's `.value` attribute dropped)."""
+  return tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in path
+               if not isinstance(k, jax.tree_util.GetAttrKey))
+
+
+# ---- the aux-loss-free bias update -----------------------------------------------------------
+
+def aux_free_bias_update(gamma: float) -> optax.GradientTransformationExtraArgs:
+  """V3 §2.1.2: each bias moves by -gamma * sign(load_i - mean load); the gradient is ignored.
+
+  `update(updates, state, params, expert_load=...)` takes the loads in the structure of the bias
+  leaves (`bias_loads`). Inside `optax.partition` the updates are the whole trainable tree with
+  the other subtrees masked out (leafless), so leaves are paired in order, and each load's path
+  must end the path of the bias it moves (plain dicts of arrays work as well as nnx.State).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, expert_load=None, **extra_args):
+    del params, extra_args
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    if not flat:
+      return updates, state
+    if expert_load is None:
+      raise ValueError('aux_free_bias_update needs the extra argument expert_load (bias_loads)')
+    loads = jax.tree_util.tree_flatten_with_path(expert_load)[0]
+    if len(loads) != len(flat):
+      raise ValueError(f'{len(loads)} expert loads for {len(flat)} router biases')
+    moves = []
+    for (path, bias_update), (load_path, load) in zip(flat, loads):
+      names, load_names = _key_names(path), _key_names(load_path)
+      if names[len(names) - len(load_names):] != load_names or load.shape != bias_update.shape:
+        raise ValueError(f'expert load {jax.tree_util.keystr(load_path)} {load.shape} does not '
+                         f'match router bias {jax.tree_util.keystr(path)} {bias_update.shape}')
+      load = load.astype(jnp.float32)
+      # Overloaded experts (above the mean) lose gamma, underloaded gain it, balanced stay put.
+      move = gamma * jnp.sign(jnp.mean(load) - load)
+      moves.append(move.astype(bias_update.dtype))
+    return treedef.unflatten(moves), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---- AdamW -----------------------------------------------------------------------------------
+
+def learning_rate_schedule(train) -> optax.Schedule:
+  """Linear warm-up from 0 to learning_rate, then cosine down to learning_rate * min_lr_ratio
+  at step `steps` (constant after). Indexed by the optimizer's update count, starting at 0."""
+  peak, end = train.learning_rate, train.learning_rate * train.min_lr_ratio
+  if not 0 <= train.warmup_steps < train.steps:
+    raise ValueError(f'train.warmup_steps={train.warmup_steps} must lie in '
+                     f'[0, train.steps={train.steps})')
+  if train.warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak, train.steps, alpha=train.min_lr_ratio)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, train.warmup_steps, train.steps, end)
+
+
+def _decayed(path, leaf) -> bool:
+  """Weight decay for matrices only: not norms, not 1-D parameters (the bias is routed away)."""
+  names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return leaf.ndim >= 2 and not any(name.endswith('norm') for name in names)
+
+
+def decay_mask(tree):
+  return jax.tree_util.tree_map_with_path(_decayed, tree)
+
+
+def _scale_by_adam(b1: float, b2: float, eps: float, bf16: bool) -> optax.GradientTransformation:
+  """Adam; with `bf16`, both moments are stored in bfloat16 (V3 §3.3).
+
+  optax only offers `mu_dtype`; it keeps nu in the dtype of its initial state (`cast_like`), so
+  starting nu in bfloat16 keeps it there. The moment arithmetic itself runs in float32. BF16 nu
+  needs b2 far enough below 1 (V3: 0.95) that (1 - b2) g^2 is not lost to its 8-bit mantissa.
+  """
+  adam = optax.scale_by_adam(b1, b2, eps, mu_dtype=jnp.bfloat16 if bf16 else None)
+  if not bf16:
+    return adam
+
+  def init_fn(params):
+    state = adam.init(params)
+    return state._replace(nu=optax.tree.cast(state.nu, jnp.bfloat16))
+
+  return optax.GradientTransformation(init_fn, adam.update)
+
+
+def adamw(train) -> optax.GradientTransformationExtraArgs:
+  """optax.adamw with global-norm clipping first and the BF16-moment option."""
+  parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+  parts += [
+      _scale_by_adam(train.b1, train.b2, train.eps, train.bf16_moments),
+      optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(learning_rate_schedule(train)),
+  ]
+  return optax.chain(*parts)
+
+
+def make_optimizer(train) -> optax.GradientTransformationExtraArgs:
+  """AdamW on tree['params'], the aux-loss-free update on tree['router_bias'].
+
+  `optax.partition` hands every extra argument to both branches: AdamW ignores `expert_load`, the
+  bias branch reads it (it must not be masked, hence mask_compatible_extra_args=False).
+  """
+  return optax.partition(
+      {'adamw': adamw(train), 'bias': aux_free_bias_update(train.bias_gamma)}, LABELS,
+      mask_compatible_extra_args=False)
