@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from deepseek_jax.train import optimizer
+
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
   """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`."""
@@ -16,6 +18,15 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
       eval_every=100,
       checkpoint_every=200,
       learning_rate=3e-3,
+      eval_batches=8,              # held-out batches per evaluation
+      keep_checkpoints=3,
+      sample_prompt='The ',
+      sample_tokens=200,
+      **optimizer.default_train_fields(),
   ))
-  config.data = ml_collections.ConfigDict(dict(path=''))  # '' = the corpus shipped with Python
+  config.data = ml_collections.ConfigDict(dict(
+      path='',                     # '' = the corpus shipped with Python; or files, a dir, a glob
+      tokenizer='byte',            # 'byte' or 'bpe' (trained on the train split, saved in workdir)
+      heldout_fraction=0.05,
+  ))
   return config

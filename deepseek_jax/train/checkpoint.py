@@ -1,0 +1,69 @@
+"""Orbax checkpoints of a training run: the train state (params, router biases, optimizer state,
+step), the data iterator's state and the model config, saved together, asynchronously.
+
+A checkpoint whose model config differs from the run's, or that cannot be read, is an error
+that names the directory and the problem; nothing in the workdir is ever deleted by a failure.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save),
+        item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any, meta: dict) -> tuple[Any, dict]:
+    """The state and data-iterator state saved at `step`; `meta` must match the saved one."""
+    where = self.directory / str(step)
+    try:
+      saved_meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # orbax raises many kinds for unreadable files
+      raise ValueError(f'checkpoint {where} cannot be read ({type(e).__name__}: {e})') from e
+    mismatch = _differences(saved_meta.get('model', {}), meta.get('model', {}))
+    if mismatch:
+      raise ValueError(f'checkpoint {where} was written by a different model config: '
+                       + '; '.join(mismatch) + '. Use another --workdir or the same config.')
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise ValueError(f'checkpoint {where} cannot be restored ({type(e).__name__}: {e})') from e
+    return restored.state, restored.data
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+  keys = sorted(set(saved) | set(wanted))
+  return [f'model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}'
+          for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays, the restore target."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

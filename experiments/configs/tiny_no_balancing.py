@@ -1,0 +1,10 @@
+"""Ablation: no load balancing at all (no bias update, no auxiliary loss)."""
+
+from experiments.configs import tiny
+
+
+def get_config():
+  config = tiny.get_config()
+  config.train.bias_gamma = 0.0
+  config.train.bal_alpha = 0.0
+  return config
