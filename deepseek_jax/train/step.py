@@ -43,7 +43,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ModelConfig, t
     grad_tree = {'params': grads, 'router_bias': jax.tree.map(jnp.zeros_like, tree['router_bias'])}
     loads = opt_lib.bias_loads(tree['router_bias'], expert_load, cfg)
     updates, opt_state = tx.update(grad_tree, state['opt'], tree, expert_load=loads)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(schedule(state['step']), jnp.float32))
     new_state = {'tree': optax.apply_updates(tree, updates), 'opt': opt_state,
                  'step': state['step'] + 1}
