@@ -1,0 +1,37 @@
+"""Training tokens/s and MFU of the tiny config and a larger CPU config, against transformers'
+DeepseekV3ForCausalLM on the same configuration, batch and sequence length (when torch and
+transformers are installed). Prints one JSON line per config.
+
+  python -m experiments.bench_train [--steps=5] [--nohf]
+"""
+
+import importlib.util
+import json
+
+from absl import app, flags
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import bench
+from experiments.configs import tiny
+
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after one warm-up).')
+_HF = flags.DEFINE_bool('hf', True, 'Also time transformers (needs torch and transformers).')
+
+LARGER = dict(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=768,
+              moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=64)
+
+
+def main(argv):
+  del argv
+  config = tiny.get_config()
+  with_hf = _HF.value and all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
+  peak = bench.peak_matmul_flops()
+  for name, overrides in (('tiny', {}), ('tiny_larger', LARGER)):
+    cfg = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+    row = bench.compare(name, cfg, config.train, config.train.batch_size, config.train.seq_len,
+                        _STEPS.value, peak, with_hf)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
