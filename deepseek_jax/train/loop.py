@@ -88,10 +88,6 @@ class _MetricsLog:
       self._tb.close()
 
 
-def model_config(config) -> ModelConfig:
-  return ModelConfig.from_dict(config.model.to_dict())
-
-
 def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -> dict[str, float]:
   nats = tokens = num_bytes = 0.0
   for batch in batches:
@@ -104,7 +100,7 @@ def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -
 def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains (or resumes) `config` in `workdir`; returns the last logged metrics and eval."""
   workdir = pathlib.Path(workdir)
-  cfg = model_config(config)
+  cfg = ModelConfig.from_dict(config.model.to_dict())
   t = config.train
   workdir.mkdir(parents=True, exist_ok=True)
   data = data_lib.prepare(config.data, str(workdir), cfg.vocab_size)
@@ -132,9 +128,6 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   bytes_per_token = jax.numpy.asarray(data.tokenizer.bytes_per_token, jax.numpy.float32)
   tokens_per_step = t.batch_size * t.seq_len
 
-  def save(step: int):
-    checkpoints.save(step, state, iterator.get_state(), meta)
-
   preemption = _Preemption()
   pending = None  # (step, metrics, expert_load) dispatched but not read yet
   last: dict[str, Any] = {}
@@ -159,16 +152,22 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     return {'step': step, **metrics}, np.asarray(jax.device_get(expert_load))
 
   bar = tqdm.tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
+
+  def log_pending():
+    """Logs the dispatched step's metrics and expert load if it is a logging step."""
+    if pending is None or pending[0] % t.log_every:
+      return
+    row, load = read(pending)
+    log.write(row)
+    log.write_load(row['step'], load)
+    last.update(row)
+    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
   try:
     for step in range(start + 1, t.steps + 1):
       batch = next(iterator)
       state, (metrics, expert_load) = train_step(state, batch)
-      if pending is not None and (pending[0] % t.log_every == 0):
-        row, load = read(pending)
-        log.write(row)
-        log.write_load(row['step'], load)
-        last = row
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+      log_pending()  # the previous step's metrics: reading them never waits on this step
       pending = (step, metrics, expert_load)
       bar.update(1)
       at_end = step == t.steps or preemption.requested
@@ -178,15 +177,11 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         last.update(row)
       if step % t.checkpoint_every == 0 or at_end:
         check_finite(pending)  # never checkpoint a state whose loss is not finite
-        save(step)
+        checkpoints.save(step, state, iterator.get_state(), meta)
       if preemption.requested:
         print(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
         break
-    if pending is not None and pending[0] % t.log_every == 0:
-      row, load = read(pending)
-      log.write(row)
-      log.write_load(row['step'], load)
-      last.update(row)
+    log_pending()
   finally:
     bar.close()
     checkpoints.wait()
