@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import param
+from deepseek_jax.layers import linear, param
 from deepseek_jax.layers.block import Block
 from deepseek_jax.layers.mtp import MTPModule
 from deepseek_jax.layers.norm import RMSNorm
@@ -45,8 +45,7 @@ class DeepSeekV3(nnx.Module):
 
   def logits(self, normed_hidden: jax.Array) -> jax.Array:
     """The shared output head, accumulated in float32."""
-    return jnp.einsum('BTD,DV->BTV', normed_hidden, self.head[...].astype(normed_hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return linear.linear(normed_hidden, self.head[...], out_dtype=jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> ModelOutput:

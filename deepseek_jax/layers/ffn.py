@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.layers import param
+from deepseek_jax.layers import linear, param
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  gate = jnp.einsum('...D,DF->...F', x, w_gate)
-  up = jnp.einsum('...D,DF->...F', x, w_up)
-  return jnp.einsum('...F,FD->...D', jax.nn.silu(gate) * up, w_down)
+  gate = linear.linear(x, w_gate)
+  up = linear.linear(x, w_up)
+  return linear.linear(jax.nn.silu(gate) * up, w_down)
 
 
 class SwiGLU(nnx.Module):

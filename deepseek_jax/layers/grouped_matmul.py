@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.layers import linear
+
 BLOCK_ROWS = 32
 
 
@@ -50,7 +52,7 @@ def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROW
   padded_end = jnp.cumsum(padded_sizes)
   block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
   block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side='right'), E - 1)
-  gate = jnp.einsum('nbD,nDF->nbF', x_blocks, w_gate[block_expert])
-  up = jnp.einsum('nbD,nDF->nbF', x_blocks, w_up[block_expert])
-  out = jnp.einsum('nbF,nFD->nbD', jax.nn.silu(gate) * up, w_down[block_expert])
+  gate = linear.batched_linear(x_blocks, w_gate[block_expert])   # 'nbD,nDF->nbF'
+  up = linear.batched_linear(x_blocks, w_up[block_expert])
+  out = linear.batched_linear(jax.nn.silu(gate) * up, w_down[block_expert])
   return out.reshape(num_blocks * block, D)[slot]

@@ -13,12 +13,14 @@ inference issue's absorbed path can reuse `project_query` and `compress_kv` unch
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import param, rope
+from deepseek_jax.layers import linear, param, rope
 from deepseek_jax.layers.norm import RMSNorm
 
 QUERY_NORM_EPS = 1e-6  # q/kv latent norms use the RMSNorm default in HF and DeepSeek's reference
@@ -49,37 +51,81 @@ class MLA(nnx.Module):
 
   def project_query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> q_nope [B, T, N, H], q_rope [B, T, N, R] (rotated)."""
-    dt = x.dtype
     if self.cfg.q_lora_rank is None:
       source, w_nope, w_rope = x, self.w_q, self.w_qr
     else:
-      source = self.q_norm(jnp.einsum('BTD,DQ->BTQ', x, self.w_dq[...].astype(dt)))
+      source = self.q_norm(linear.linear(x, self.w_dq[...]))
       w_nope, w_rope = self.w_uq, self.w_qr
-    q_nope = jnp.einsum('BTQ,QNH->BTNH', source, w_nope[...].astype(dt))
-    q_rope = jnp.einsum('BTQ,QNR->BTNR', source, w_rope[...].astype(dt))
+    q_nope = _heads_linear(source, w_nope[...])
+    q_rope = _heads_linear(source, w_rope[...])
     return q_nope, rope.apply_rope(q_rope, positions, self.cfg)
 
   def compress_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, S, D] -> c_KV [B, S, C] (normed) and k_rope [B, S, R] (rotated): the latent cache."""
-    dt = x.dtype
-    c_kv = self.kv_norm(jnp.einsum('BSD,DC->BSC', x, self.w_dkv[...].astype(dt)))
-    k_rope = jnp.einsum('BSD,DR->BSR', x, self.w_kr[...].astype(dt))
+    c_kv = self.kv_norm(linear.linear(x, self.w_dkv[...]))
+    k_rope = linear.linear(x, self.w_kr[...])
     return c_kv, rope.apply_rope(k_rope, positions, self.cfg)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention over x [B, T, D]; `segment_ids` [B, T] keep packed documents apart."""
-    dt = x.dtype
+    N = self.cfg.num_heads
     q_nope, q_rope = self.project_query(x, positions)
     c_kv, k_rope = self.compress_kv(x, positions)
-    k_nope = jnp.einsum('BSC,CNH->BSNH', c_kv, self.w_uk[...].astype(dt))
-    v = jnp.einsum('BSC,CNU->BSNU', c_kv, self.w_uv[...].astype(dt))
-    scores = (jnp.einsum('BTNH,BSNH->BNTS', q_nope, k_nope)
-              + jnp.einsum('BTNR,BSR->BNTS', q_rope, k_rope))
-    mask = causal_mask(positions, segment_ids)  # [B, 1, T, S]
-    probs = masked_softmax(scores.astype(jnp.float32) * rope.softmax_scale(self.cfg), mask)
-    o = jnp.einsum('BNTS,BSNU->BTNU', probs.astype(dt), v)
-    return jnp.einsum('BTNU,NUD->BTD', o, self.w_o[...].astype(dt))
+    # One dot per score: [q_nope; q_rope].[k_nope; k_rope], the rope key repeated for every head.
+    q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, N, T, H+R]
+    k_nope = _heads_linear(c_kv, self.w_uk[...]).transpose(0, 2, 1, 3)    # [B, N, S, H]
+    k_rope = jnp.broadcast_to(k_rope[:, None], (k_rope.shape[0], N) + k_rope.shape[1:])
+    k = jnp.concatenate([k_nope, k_rope], axis=-1)                       # [B, N, S, H+R]
+    v = _heads_linear(c_kv, self.w_uv[...]).transpose(0, 2, 1, 3)        # [B, N, S, U]
+    o = attend(q, k, v, causal_mask(positions, segment_ids), rope.softmax_scale(self.cfg))
+    B, _, T, U = o.shape
+    o = o.transpose(0, 2, 1, 3).reshape(B, T, N * U)
+    return linear.linear(o, self.w_o[...].reshape(N * U, -1))
+
+
+def _heads_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, T, Q] with w [Q, N, H] -> [B, T, N, H] (the einsum 'BTQ,QNH->BTNH' as one matmul)."""
+  Q, N, H = w.shape
+  return linear.linear(x, w.reshape(Q, N * H)).reshape(x.shape[:-1] + (N, H))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """softmax(q.k * scale, masked) v for q [B, N, T, A], k [B, N, S, A], v [B, N, S, U].
+
+  The backward pass is written out (the standard softmax-attention gradients from the saved
+  probabilities) so that XLA:CPU does not recompute the softmax inside its transposes."""
+  return _attend_forward(q, k, v, mask, scale)[0]
+
+
+def _attend_forward(q, k, v, mask, scale):
+  scores = jnp.einsum('BNTA,BNSA->BNTS', q, k, preferred_element_type=jnp.float32)
+  probs = masked_softmax(scores * scale, mask).astype(q.dtype)
+  return jnp.einsum('BNTS,BNSU->BNTU', probs, v), probs
+
+
+def _attend_fwd(q, k, v, mask, scale):
+  out, probs = _attend_forward(q, k, v, mask, scale)
+  return out, (q, k, v, probs, out)
+
+
+def _attend_bwd(scale, residuals, d_out):
+  q, k, v, probs, out = residuals
+  d_v = jnp.einsum('BNST,BNTU->BNSU', linear.transposed(probs), d_out)
+  d_probs = jnp.einsum('BNTU,BNSU->BNTS', d_out, v, preferred_element_type=jnp.float32)
+  # softmax backward: d_scores = p * (dp - sum_s p dp), and sum_s p dp = sum_u dO O.
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_scores = (probs.astype(jnp.float32) * (d_probs - row) * scale).astype(q.dtype)
+  d_q = jnp.einsum('BNTS,BNSA->BNTA', d_scores, k)
+  d_k = jnp.einsum('BNST,BNTA->BNSA', linear.transposed(d_scores), q)
+  return d_q, d_k, d_v, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+
 
 
 def causal_mask(positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -93,7 +139,8 @@ def causal_mask(positions: jax.Array, segment_ids: jax.Array | None = None) -> j
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   """Softmax over the last axis in float32; fully masked rows give zeros, not NaN."""
   scores = jnp.where(mask, scores, -jnp.inf)
-  peak = jnp.max(scores, axis=-1, keepdims=True)
+  # The shift cancels in the softmax; without stop_gradient autodiff builds an argmax mask.
+  peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
   peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
   weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
   return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)

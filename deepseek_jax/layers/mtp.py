@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import param
+from deepseek_jax.layers import linear, param
 from deepseek_jax.layers.block import Block
 from deepseek_jax.layers.moe import MoEStats
 from deepseek_jax.layers.norm import RMSNorm
@@ -37,6 +37,6 @@ class MTPModule(nnx.Module):
 
     Returns (h^k [B, T, D], normed h^k for the shared head, MoE statistics or None)."""
     joined = jnp.concatenate([self.enorm(next_embeddings), self.hnorm(h_prev)], axis=-1)
-    h = jnp.einsum('BTJ,JD->BTD', joined, self.eh_proj[...].astype(h_prev.dtype))
+    h = linear.linear(joined, self.eh_proj[...])
     h, stats = self.block(h, positions, segment_ids)
     return h, self.norm(h), stats

@@ -1,0 +1,53 @@
+"""Matrix products of the model's linear layers, with the backward pass written out.
+
+`linear(x, w)` is `x @ w` for x [..., K] and w [K, N]; `batched_linear` is the same per group
+(`'GMK,GKN->GMN'`). Their gradients are the textbook ones, dx = dy wᵀ and dw = xᵀ dy, with xᵀ
+materialized first: XLA:CPU's fast dot (YNNPACK) wants the contracted dimension of its left
+operand last, and when autodiff leaves the transpose to XLA it fuses the producer's elementwise
+work (SwiGLU, norms) into a strided transpose that costs more than the matmul itself. On the
+tiny config this halves the time of a SwiGLU layer's forward + backward. GPU and TPU compilers
+handle either form; the custom rule costs them nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N], computed in x's dtype (accumulated in `out_dtype`)."""
+  K, N = w.shape
+  rows = x.reshape(1, -1, K)
+  out = batched_linear(rows, w.astype(x.dtype)[None], out_dtype)
+  return out.reshape(x.shape[:-1] + (N,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+  """x [G, M, K] @ w [G, K, N] -> [G, M, N] (one product per group G)."""
+  return jnp.einsum('GMK,GKN->GMN', x, w, preferred_element_type=out_dtype)
+
+
+def _forward(x, w, out_dtype):
+  return batched_linear(x, w, out_dtype), (x, w)
+
+
+def _backward(out_dtype, residuals, d_y):
+  del out_dtype
+  x, w = residuals
+  d_y = d_y.astype(x.dtype)
+  d_x = jnp.einsum('GMN,GKN->GMK', d_y, w)
+  d_w = jnp.einsum('GKM,GMN->GKN', transposed(x), d_y)
+  return d_x, d_w.astype(w.dtype)
+
+
+batched_linear.defvjp(_forward, _backward)
+
+
+def transposed(x: jax.Array) -> jax.Array:
+  """Swaps the last two axes, materialized: the barrier keeps XLA from folding the transpose
+  back into the consuming dot (which XLA:CPU then runs as a slow generic loop)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
