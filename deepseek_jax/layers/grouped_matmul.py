@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.layers import linear
 
-BLOCK_ROWS = 32
+BLOCK_ROWS = 128  # measured on the tiny config: 32 rows took 1.4x longer, 1024 rows 1.3x
 
 
 def expert_swiglu(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -40,19 +40,50 @@ def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROW
   E = group_sizes.shape[0]
   block = max(1, min(block, M))
   num_blocks = -(-(M + E * (block - 1)) // block)  # static bound on padded blocks
+  P = num_blocks * block
   group_sizes = group_sizes.astype(jnp.int32)
   padded_sizes = -(-group_sizes // block) * block
   start = jnp.cumsum(group_sizes) - group_sizes           # first sorted row of each expert
   padded_start = jnp.cumsum(padded_sizes) - padded_sizes  # first padded row of each expert
   row_expert = jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes, total_repeat_length=M)
   slot = padded_start[row_expert] + jnp.arange(M, dtype=jnp.int32) - start[row_expert]  # [M]
-  x_blocks = jnp.zeros((num_blocks * block, D), x.dtype).at[slot].set(x)
-  x_blocks = x_blocks.reshape(num_blocks, block, D)
-  # Expert of each block; blocks past the last expert's rows hold zeros and take the last expert.
-  padded_end = jnp.cumsum(padded_sizes)
-  block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side='right'), E - 1)
-  gate = linear.batched_linear(x_blocks, w_gate[block_expert])   # 'nbD,nDF->nbF'
-  up = linear.batched_linear(x_blocks, w_up[block_expert])
-  out = linear.batched_linear(jax.nn.silu(gate) * up, w_down[block_expert])
-  return out.reshape(num_blocks * block, D)[slot]
+  # Expert of each padded row; rows past the last expert's take the last expert (and are zero).
+  padded_row = jnp.arange(P, dtype=jnp.int32)
+  padded_expert = jnp.minimum(
+      jnp.searchsorted(jnp.cumsum(padded_sizes), padded_row, side='right'), E - 1)
+  offset = padded_row - padded_start[padded_expert]
+  source = jnp.where(offset < group_sizes[padded_expert], start[padded_expert] + offset, M)
+  x_blocks = take_rows(x, source, slot).reshape(num_blocks, block, D)
+  block_expert = padded_expert[::block]
+  gate = linear.batched_linear(x_blocks, _block_weights(w_gate, block_expert))  # 'nbD,nDF->nbF'
+  up = linear.batched_linear(x_blocks, _block_weights(w_up, block_expert))
+  out = linear.batched_linear(jax.nn.silu(gate) * up, _block_weights(w_down, block_expert))
+  return take_rows(out.reshape(P, D), slot, source)
+
+
+def _block_weights(w: jax.Array, block_expert: jax.Array) -> jax.Array:
+  """w [E, I, O] -> the weights of each block's expert [n, I, O], as a one-hot matmul: its
+  gradient is the per-expert sum of the blocks' gradients, without XLA:CPU's slow scatter-add."""
+  E, I, O = w.shape
+  one_hot = jax.nn.one_hot(block_expert, E, dtype=w.dtype)
+  return linear.linear(one_hot, w.reshape(E, I * O)).reshape(-1, I, O)
+
+
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """y[i] = x[index[i]], or zeros where index[i] is out of range; `index` must be one-to-one on
+  its in-range entries and `inverse` [len(x)] its inverse (out of range for rows of x that no
+  y row takes). The gradient is then a gather too, not a scatter-add."""
+  return jnp.take(x, index, axis=0, mode='fill', fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+  return take_rows(x, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(residuals, d_y):
+  index, inverse = residuals
+  return jnp.take(d_y, inverse, axis=0, mode='fill', fill_value=0), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)

@@ -31,8 +31,11 @@ def dispatch_combine(x: jax.Array, routing: router.Routing, group_sizes: jax.Arr
   """
   T, K = routing.experts.shape
   order = jnp.argsort(routing.experts.reshape(T * K), stable=True)  # pairs sorted by expert
-  rows = grouped_matmul.expert_swiglu(x[order // K], group_sizes, w_gate, w_up, w_down, impl)
-  per_slot = jnp.zeros_like(rows).at[order].set(rows).reshape(T, K, -1)  # [T, K, D]
+  inverse = jnp.argsort(order)                                        # pair -> sorted row
+  pairs = jnp.broadcast_to(x[:, None, :], (T, K, x.shape[-1])).reshape(T * K, -1)
+  rows = grouped_matmul.expert_swiglu(grouped_matmul.take_rows(pairs, order, inverse),
+                                      group_sizes, w_gate, w_up, w_down, impl)
+  per_slot = grouped_matmul.take_rows(rows, inverse, order).reshape(T, K, -1)  # [T, K, D]
   return jnp.einsum('TKD,TK->TD', per_slot, routing.gates.astype(x.dtype))
 
 
