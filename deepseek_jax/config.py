@@ -14,6 +14,7 @@ from typing import Any, Mapping
 SCORING_FUNCS = ('sigmoid', 'softmax')
 DTYPES = ('float32', 'bfloat16')
 MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
+PRECISIONS = ('bf16', 'fp8')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class ModelConfig:
   init_std: float = 0.006
   dtype: str = 'float32'                     # activation dtype; params stay float32
   moe_matmul: str = 'auto'                   # grouped expert matmul: 'auto' | 'ragged_dot' | 'blocked'
+  # 'bf16': every matmul in the activation dtype. 'fp8': MLA projections and every expert,
+  # shared-expert and dense FFN matmul in E4M3 with 1x128 / 128x128 scaling (V3 §3.3); the
+  # embedding, output head, router, norms and attention core keep the activation dtype.
+  precision: str = 'bf16'
 
   def __post_init__(self):
     _validate(self)
@@ -131,6 +136,10 @@ def _validate(c: ModelConfig) -> None:
     _fail('dtype', c.dtype, f'must be one of {DTYPES}')
   if c.moe_matmul not in MOE_MATMULS:
     _fail('moe_matmul', c.moe_matmul, f'must be one of {MOE_MATMULS}')
+  if c.precision not in PRECISIONS:
+    _fail('precision', c.precision, f'must be one of {PRECISIONS}')
+  if c.precision == 'fp8' and c.moe_matmul == 'ragged_dot':
+    _fail('moe_matmul', c.moe_matmul, "has no FP8 form; with precision='fp8' use 'blocked' or 'auto'")
   if c.num_moe_layers == 0 and c.mtp_depth == 0:
     return  # an all-dense model: the routing fields are unused (MTP blocks are MoE layers)
   if c.n_routed_experts == 0:

@@ -26,7 +26,8 @@ class Block(nnx.Module):
     if is_moe_layer(cfg, layer_idx):
       self.ffn = MoE(cfg, rngs)
     else:
-      self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std, rngs)
+      self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std, rngs,
+                        cfg.precision)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:

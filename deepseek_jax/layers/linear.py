@@ -16,23 +16,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import fp8
 
-def linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-  """x [..., K] @ w [K, N] -> [..., N], computed in x's dtype (accumulated in `out_dtype`)."""
+
+def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16') -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N], computed in x's dtype (accumulated in `out_dtype`), or
+  with precision='fp8' as the block-scaled FP8 GEMMs of `deepseek_jax.fp8` (forward and both
+  gradients)."""
   K, N = w.shape
+  if precision == 'fp8':
+    return fp8.linear(x, w).astype(out_dtype or x.dtype)
   rows = x.reshape(1, -1, K)
   out = batched_linear(rows, w.astype(x.dtype)[None], out_dtype)
   return out.reshape(x.shape[:-1] + (N,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None,
+                   precision: str = 'bf16') -> jax.Array:
   """x [G, M, K] @ w [G, K, N] -> [G, M, N] (one product per group G)."""
+  if precision == 'fp8':
+    return fp8.expert_linear(x, w.astype(x.dtype)).astype(out_dtype or x.dtype)
+  return _batched_linear(x, w, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _batched_linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
   return jnp.einsum('GMK,GKN->GMN', x, w, preferred_element_type=out_dtype)
 
 
 def _forward(x, w, out_dtype):
-  return batched_linear(x, w, out_dtype), (x, w)
+  return _batched_linear(x, w, out_dtype), (x, w)
 
 
 def _backward(out_dtype, residuals, d_y):
@@ -44,7 +57,7 @@ def _backward(out_dtype, residuals, d_y):
   return d_x, d_w.astype(w.dtype)
 
 
-batched_linear.defvjp(_forward, _backward)
+_batched_linear.defvjp(_forward, _backward)
 
 
 def transposed(x: jax.Array) -> jax.Array:

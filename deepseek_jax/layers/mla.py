@@ -54,16 +54,16 @@ class MLA(nnx.Module):
     if self.cfg.q_lora_rank is None:
       source, w_nope, w_rope = x, self.w_q, self.w_qr
     else:
-      source = self.q_norm(linear.linear(x, self.w_dq[...]))
+      source = self.q_norm(linear.linear(x, self.w_dq[...], precision=self.cfg.precision))
       w_nope, w_rope = self.w_uq, self.w_qr
-    q_nope = _heads_linear(source, w_nope[...])
-    q_rope = _heads_linear(source, w_rope[...])
+    q_nope = _heads_linear(source, w_nope[...], self.cfg.precision)
+    q_rope = _heads_linear(source, w_rope[...], self.cfg.precision)
     return q_nope, rope.apply_rope(q_rope, positions, self.cfg)
 
   def compress_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, S, D] -> c_KV [B, S, C] (normed) and k_rope [B, S, R] (rotated): the latent cache."""
-    c_kv = self.kv_norm(linear.linear(x, self.w_dkv[...]))
-    k_rope = linear.linear(x, self.w_kr[...])
+    c_kv = self.kv_norm(linear.linear(x, self.w_dkv[...], precision=self.cfg.precision))
+    k_rope = linear.linear(x, self.w_kr[...], precision=self.cfg.precision)
     return c_kv, rope.apply_rope(k_rope, positions, self.cfg)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
@@ -74,20 +74,21 @@ class MLA(nnx.Module):
     c_kv, k_rope = self.compress_kv(x, positions)
     # One dot per score: [q_nope; q_rope].[k_nope; k_rope], the rope key repeated for every head.
     q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, N, T, H+R]
-    k_nope = _heads_linear(c_kv, self.w_uk[...]).transpose(0, 2, 1, 3)    # [B, N, S, H]
+    k_nope = _heads_linear(c_kv, self.w_uk[...], self.cfg.precision).transpose(0, 2, 1, 3)    # [B, N, S, H]
     k_rope = jnp.broadcast_to(k_rope[:, None], (k_rope.shape[0], N) + k_rope.shape[1:])
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                       # [B, N, S, H+R]
-    v = _heads_linear(c_kv, self.w_uv[...]).transpose(0, 2, 1, 3)        # [B, N, S, U]
+    v = _heads_linear(c_kv, self.w_uv[...], self.cfg.precision).transpose(0, 2, 1, 3)        # [B, N, S, U]
     o = attend(q, k, v, causal_mask(positions, segment_ids), rope.softmax_scale(self.cfg))
     B, _, T, U = o.shape
     o = o.transpose(0, 2, 1, 3).reshape(B, T, N * U)
-    return linear.linear(o, self.w_o[...].reshape(N * U, -1))
+    return linear.linear(o, self.w_o[...].reshape(N * U, -1), precision=self.cfg.precision)
 
 
-def _heads_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+def _heads_linear(x: jax.Array, w: jax.Array, precision: str) -> jax.Array:
   """x [B, T, Q] with w [Q, N, H] -> [B, T, N, H] (the einsum 'BTQ,QNH->BTNH' as one matmul)."""
   Q, N, H = w.shape
-  return linear.linear(x, w.reshape(Q, N * H)).reshape(x.shape[:-1] + (N, H))
+  out = linear.linear(x, w.reshape(Q, N * H), precision=precision)
+  return out.reshape(x.shape[:-1] + (N, H))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
@@ -102,6 +103,9 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
   cfg = ModelConfig.from_dict(config.model.to_dict())
   t = config.train
+  if cfg.precision == 'fp8' and not t.bf16_moments:
+    t = ml_collections.ConfigDict(t.to_dict())
+    t.bf16_moments = True  # V3 §3.3: the FP8 recipe keeps AdamW's moments in BF16
   workdir.mkdir(parents=True, exist_ok=True)
   data = data_lib.prepare(config.data, str(workdir), cfg.vocab_size)
   process_index, process_count = jax.process_index(), jax.process_count()

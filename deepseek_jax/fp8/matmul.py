@@ -1,0 +1,166 @@
+"""Block-scaled FP8 GEMMs (V3 report §3.3) and the FP8 linear layer: all three of its GEMMs in FP8.
+
+Letters here are GEMM-local: M rows (tokens), K contraction, N output columns, b the 128-wide
+K block, k a position inside it.
+
+`scaled_matmul` multiplies already-quantized E4M3 operands: for each K block b it takes the FP8
+product with FP32 accumulation, multiplies it by the two operands' scales of that block, and adds
+it to an FP32 running sum — the report's "promotion to CUDA cores every N_C = 128 elements".
+`accumulate='bfloat16'` rounds that running sum to BF16 after every block instead: a stand-in for
+a low-precision accumulator, whose error grows with K (tests/test_fp8.py measures both).
+
+`matmul(x, w)` quantizes high-precision operands online (x in 1x128 tiles along K, w in 128x128
+blocks) and calls `scaled_matmul`. `linear(x, w)` is the same forward with a custom VJP:
+  forward  y  = x  . w     x: 1x128 tiles along K,        w: 128x128 blocks
+  dgrad    dx = dy . w^T   dy: 1x128 tiles along N,       w^T: the same 128x128 blocks, transposed
+  wgrad    dw = x^T . dy   x and dy: 128x1 tiles along the token dim M (the contraction here)
+The forward caches x in FP8 (already re-tiled for wgrad) and the quantized weight, not x itself.
+
+The plain-jnp path below is the reference and the CPU path; a Pallas kernel goes behind
+`scaled_matmul(impl=...)` (see `_dispatch`) with the same signature and semantics.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_blocks, quantize)
+
+BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
+ACCUMULATE = ('float32', 'bfloat16')
+IMPLS = ('auto', 'jnp')
+
+
+def scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
+                  w_scales: jax.Array, *, accumulate: str = 'float32',
+                  impl: str = 'auto') -> jax.Array:
+  """FP8 x [M, K] . FP8 w [K, N] -> float32 [M, N], scales applied per 128-wide K block.
+
+  x_scales [M, K/128] (1x128 tiles) or [M/128, K/128] (128x128 blocks);
+  w_scales [K/128, N/128] (128x128 blocks) or [K/128, N] (128x1 tiles). Divisions round up.
+  """
+  M, K = x_values.shape
+  K2, N = w_values.shape
+  if K != K2:
+    raise ValueError(f'scaled_matmul: contraction dims differ, x {x_values.shape}, '
+                     f'w {w_values.shape}')
+  if accumulate not in ACCUMULATE:
+    raise ValueError(f'scaled_matmul: accumulate={accumulate!r}, expected one of {ACCUMULATE}')
+  Kb = num_blocks(K, BLOCK_K)
+  if x_scales.shape[1] != Kb or w_scales.shape[0] != Kb:
+    raise ValueError(f'scaled_matmul: scales {x_scales.shape}, {w_scales.shape} are not per '
+                     f'{BLOCK_K}-wide block of K = {K}')
+  x_scales = _per_line(x_scales, M, axis=0)  # [M, Kb]
+  w_scales = _per_line(w_scales, N, axis=1)  # [Kb, N]
+  return _dispatch(impl)(x_values, x_scales, w_values, w_scales, accumulate)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False, accumulate: str = 'float32',
+           impl: str = 'auto') -> jax.Array:
+  """x [..., K] . w [K, N] -> [..., N] in x's dtype, both operands quantized online to E4M3.
+
+  Forward only; to train through it use `linear` (same forward, FP8 backward).
+  """
+  *lead, K = x.shape
+  N = w.shape[1]
+  x_values, x_scales = quantize(x.reshape(-1, K), ACT_BLOCK, pow2_scale=pow2_scale)
+  w_values, w_scales = quantize(w, WEIGHT_BLOCK, pow2_scale=pow2_scale)
+  y = scaled_matmul(x_values, x_scales, w_values, w_scales, accumulate=accumulate, impl=impl)
+  return y.reshape(*lead, N).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
+           impl: str = 'auto') -> jax.Array:
+  """x [..., K] . w [K, N] -> [..., N] in x's dtype; forward, dgrad and wgrad all in FP8.
+
+  A drop-in for `jnp.einsum('...K,KN->...N', x, w)`. Gradients come back in x's and w's dtypes.
+  """
+  *lead, K = x.shape
+  N = w.shape[1]
+  # Through float32 so the custom VJP needs no dtype bookkeeping: the cast's transpose returns
+  # dw in w's dtype (a no-op for FP32 master weights).
+  y = _fp8_linear(x.reshape(-1, K), w.astype(jnp.float32), pow2_scale, impl)
+  return y.reshape(*lead, N)
+
+
+def expert_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
+                  impl: str = 'auto') -> jax.Array:
+  """Per-expert FP8 linear: x [E, M, K] . w [E, K, N] -> [E, M, N] ('EMK,EKN->EMN')."""
+  return jax.vmap(functools.partial(linear, pow2_scale=pow2_scale, impl=impl))(x, w)
+
+
+# ---- the custom VJP ------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fp8_linear(x, w, pow2_scale, impl):
+  return _fp8_linear_fwd(x, w, pow2_scale, impl)[0]
+
+
+def _fp8_linear_fwd(x, w, pow2_scale, impl):
+  x_values, x_scales = quantize(x, ACT_BLOCK, pow2_scale=pow2_scale)
+  w_values, w_scales = quantize(w, WEIGHT_BLOCK, pow2_scale=pow2_scale)
+  y = scaled_matmul(x_values, x_scales, w_values, w_scales, impl=impl).astype(x.dtype)
+  xt_values, xt_scales = quantize(x, TOKEN_BLOCK, pow2_scale=pow2_scale)  # cached for wgrad
+  return y, (xt_values, xt_scales, w_values, w_scales)
+
+
+def _fp8_linear_bwd(pow2_scale, impl, residuals, dy):
+  xt_values, xt_scales, w_values, w_scales = residuals
+  # dgrad: contraction over N, so dy is tiled 1x128 along N; w^T keeps its 128x128 blocks.
+  dy_values, dy_scales = quantize(dy, ACT_BLOCK, pow2_scale=pow2_scale)
+  dx = scaled_matmul(dy_values, dy_scales, w_values.T, w_scales.T, impl=impl)
+  # wgrad: contraction over tokens, so x and dy are both tiled 128x1 along M.
+  dyt_values, dyt_scales = quantize(dy, TOKEN_BLOCK, pow2_scale=pow2_scale)
+  dw = scaled_matmul(xt_values.T, xt_scales.T, dyt_values, dyt_scales, impl=impl)
+  return dx.astype(dy.dtype), dw
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+# ---- implementations -----------------------------------------------------------------------------
+
+def _dispatch(impl: str):
+  """The one place a backend-specific kernel plugs in (e.g. Pallas on GPU/TPU); CPU uses jnp."""
+  if impl == 'auto':
+    impl = 'jnp'
+  if impl == 'jnp':
+    return _scaled_matmul_jnp
+  raise ValueError(f'scaled_matmul: impl={impl!r}, expected one of {IMPLS}')
+
+
+def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):
+  """Reference: x_values [M, K], x_scales [M, Kb], w_values [K, N], w_scales [Kb, N]."""
+  M, K = x_values.shape
+  N = w_values.shape[1]
+  Kb = x_scales.shape[1]
+  pad = Kb * BLOCK_K - K  # zero-padding K adds nothing to any product
+  x_blocks = jnp.pad(x_values, ((0, 0), (0, pad))).reshape(M, Kb, BLOCK_K).transpose(1, 0, 2)
+  w_blocks = jnp.pad(w_values, ((0, pad), (0, 0))).reshape(Kb, BLOCK_K, N)
+
+  def add_block(acc, block):
+    xb, wb, xs, ws = block  # [M, k], [k, N], [M], [N]
+    partial = jnp.einsum('Mk,kN->MN', xb, wb, preferred_element_type=jnp.float32)
+    acc = acc + partial * xs[:, None] * ws[None, :]  # promotion: scale in FP32, add in FP32
+    if accumulate == 'bfloat16':
+      acc = acc.astype(jnp.bfloat16).astype(jnp.float32)
+    return acc, None
+
+  acc, _ = jax.lax.scan(add_block, jnp.zeros((M, N), jnp.float32),
+                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, M, k], [b, k, N], ...
+  return acc
+
+
+def _per_line(scales: jax.Array, size: int, axis: int) -> jax.Array:
+  """Scales along `axis` either per line (`size` of them) or per 128 lines: make them per line."""
+  n = scales.shape[axis]
+  if n == size:
+    return scales.astype(jnp.float32)
+  if n == num_blocks(size, BLOCK_K):
+    repeated = jnp.repeat(scales, BLOCK_K, axis=axis, total_repeat_length=n * BLOCK_K)
+    return jax.lax.slice_in_dim(repeated, 0, size, axis=axis).astype(jnp.float32)
+  raise ValueError(f'scaled_matmul: {n} scales along axis {axis} fit neither {size} lines nor '
+                   f'blocks of {BLOCK_K}')

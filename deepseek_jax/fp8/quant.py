@@ -1,0 +1,93 @@
+"""Block-scaled E4M3 quantization (V3 report §3.3, "fine-grained quantization").
+
+A tensor is cut into tiles over its last two dims (`block = (rows, cols)`), and each tile gets one
+online scale, scale = amax(tile) / 448, so that its largest entry lands on E4M3's largest value:
+  activations: 1 x 128 tiles along the contraction dim  -> block (1, 128)
+  weights:     128 x 128 blocks                         -> block (128, 128)
+  wgrad:       activations / output grads re-tiled 128 x 1 along tokens -> block (128, 1)
+`pow2_scale=True` rounds every scale up to a power of two (UE8M0, as DeepSeek-V3.1 uses), so
+dividing by it is exact and nothing can overflow. Shapes that are not multiples of the block are
+padded with zeros inside (zeros do not change any amax); `values` keep the input's shape, and
+`scales` have shape [..., ceil(rows / block_rows), ceil(cols / block_cols)].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn; anything above converts to NaN, so we clip
+
+ACT_BLOCK = (1, 128)      # activations, tiles along the contraction dim
+WEIGHT_BLOCK = (128, 128)  # weights
+TOKEN_BLOCK = (128, 1)    # activations / output grads for the weight-gradient GEMM
+
+
+def num_blocks(size: int, block: int) -> int:
+  return -(-size // block)
+
+
+def quantize(x: jax.Array, block: tuple[int, int], *,
+             pow2_scale: bool = False) -> tuple[jax.Array, jax.Array]:
+  """x [..., R, C] -> (values [..., R, C] float8_e4m3fn, scales [..., R/br, C/bc] float32).
+
+  x ~= values * scales, each scale repeated over its br x bc tile (ceil division; the last tiles
+  may be partial). A tile of zeros gets scale 1.
+  """
+  _check(x.shape, block)
+  R, C = x.shape[-2:]
+  br, bc = block
+  tiles = _tiles(x.astype(jnp.float32), block)  # [..., Rb, br, Cb, bc]
+  amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))  # [..., Rb, Cb]
+  scales = amax / E4M3_MAX
+  if pow2_scale:
+    scales = _pow2_ceil(scales)
+  scales = jnp.where(scales > 0, scales, 1.0)  # all-zero tile (or underflow): no 0/0
+  scaled = tiles / scales[..., :, None, :, None]
+  scaled = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX)  # guard rounding of amax / scale above 448
+  values = _untile(scaled, (R, C)).astype(FP8)
+  return values, scales
+
+
+def dequantize(values: jax.Array, scales: jax.Array, block: tuple[int, int],
+               dtype=jnp.float32) -> jax.Array:
+  """Inverse of `quantize`: values [..., R, C], scales [..., R/br, C/bc] -> [..., R, C] dtype."""
+  _check(values.shape, block)
+  R, C = values.shape[-2:]
+  expected = (num_blocks(R, block[0]), num_blocks(C, block[1]))
+  if scales.shape[-2:] != expected or scales.shape[:-2] != values.shape[:-2]:
+    raise ValueError(f'dequantize: scales {scales.shape} do not tile values {values.shape} '
+                     f'in blocks {block}')
+  tiles = _tiles(values.astype(jnp.float32), block)
+  return _untile(tiles * scales[..., :, None, :, None], (R, C)).astype(dtype)
+
+
+def _check(shape: tuple[int, ...], block: tuple[int, int]) -> None:
+  if len(shape) < 2:
+    raise ValueError(f'fp8: need at least 2 dims to tile, got shape {shape}')
+  if len(block) != 2 or min(block) < 1:
+    raise ValueError(f'fp8: block must be two positive ints (rows, cols), got {block}')
+
+
+def _tiles(x: jax.Array, block: tuple[int, int]) -> jax.Array:
+  """[..., R, C] -> [..., Rb, br, Cb, bc], zero-padded up to whole tiles."""
+  *lead, R, C = x.shape
+  br, bc = block
+  Rb, Cb = num_blocks(R, br), num_blocks(C, bc)
+  pad = [(0, 0)] * len(lead) + [(0, Rb * br - R), (0, Cb * bc - C)]
+  return jnp.pad(x, pad).reshape(*lead, Rb, br, Cb, bc)
+
+
+def _untile(tiles: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """[..., Rb, br, Cb, bc] -> [..., R, C], dropping the padding."""
+  *lead, Rb, br, Cb, bc = tiles.shape
+  R, C = shape
+  return tiles.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C]
+
+
+def _pow2_ceil(s: jax.Array) -> jax.Array:
+  """Smallest power of two >= s (s >= 0; 0 stays 0): UE8M0 scales."""
+  mantissa, exponent = jnp.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
+  exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)  # already a power of two
+  return jnp.where(s > 0, jnp.ldexp(jnp.ones_like(s), exponent), 0.0)
