@@ -16,7 +16,7 @@ from deepseek_jax.train import loop
 from experiments.configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMALL_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, qk_nope_head_dim=8,
+SMALL_MODEL = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, qk_nope_head_dim=8,
                    qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16, kv_lora_rank=12,
                    intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
                    num_experts_per_tok=2, n_group=4, topk_group=2)
@@ -31,6 +31,7 @@ def get_config():
   config = tiny.get_config()
   config.model.update({SMALL_MODEL!r})
   config.train.update({SMALL_TRAIN!r})
+  config.data.tokenizer = 'byte'
   config.train.steps = STEPS
   return config
 '''
@@ -40,6 +41,7 @@ def small_config(steps: int):
   config = tiny.get_config()
   config.model.update(SMALL_MODEL)
   config.train.update(SMALL_TRAIN)
+  config.data.tokenizer = 'byte'
   config.train.steps = steps
   return config
 
