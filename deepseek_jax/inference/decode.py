@@ -1,0 +1,265 @@
+"""Prefill and decode with a KV cache, over the model's own modules.
+
+`forward(model, tokens, cache)` is the model's forward pass for T new tokens per sequence at
+positions cache.lengths[b] + t: embedding, each block with its attention run against the cache
+(`attention.cached`: absorbed on a `LatentCache`, naive on a `NaiveCache`), the block's FFN / MoE
+called as it is, the final norm and the shared head. `mtp_forward` is the same for one MTP module.
+
+At the jit boundary the model is split once (`nnx.split`) and `prefill` / `step` are pure
+functions of (state, arrays), jitted with the cache donated so its buffers update in place.
+`generate` drives them: prompts right-padded into one batch, one prefill, then one jitted step per
+new token (`Decoder.step`), or all of them in one `lax.scan` (`decode_loop`, what `generate`
+uses); each sequence writes at its own length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.inference import attention
+from deepseek_jax.inference import cache as cache_lib
+from deepseek_jax.inference import sampling as sampling_lib
+from deepseek_jax.layers.block import Block
+from deepseek_jax.layers.moe import MoE
+
+# ---- the forward pass with a cache -------------------------------------------------------------
+
+
+def block_step(block: Block, x: jax.Array, positions: jax.Array, layer,
+               weights: attention.HeadsMajor | None = None):
+  """`Block.__call__` with the attention against the cache: (x [B, T, D], updated layer)."""
+  out, layer = attention.cached(block.attn, block.attn_norm(x), positions, layer, weights)
+  x = x + out
+  ffn_out = block.ffn(block.ffn_norm(x))
+  if isinstance(block.ffn, MoE):
+    ffn_out, _ = ffn_out  # router statistics are for training
+  return x + ffn_out, layer
+
+
+def heads_major(model: model_lib.DeepSeekV3) -> tuple[tuple[attention.HeadsMajor, ...],
+                                                      tuple[attention.HeadsMajor, ...]]:
+  """Heads-major W_UK, W_UV of every main layer and every MTP block, for the absorbed path;
+  a decode loop makes them once, outside its body."""
+  dt = jnp.dtype(model.cfg.dtype)
+  return (tuple(attention.heads_major(block.attn, dt) for block in model.layers),
+          tuple(attention.heads_major(module.block.attn, dt) for module in model.mtp))
+
+
+def forward(model: model_lib.DeepSeekV3, tokens: jax.Array, cache: cache_lib.Cache,
+            weights: Sequence[attention.HeadsMajor] | None = None
+            ) -> tuple[jax.Array, jax.Array, cache_lib.Cache]:
+  """tokens [B, T] -> (logits [B, T, V] f32, hidden [B, T, D] before the final norm, cache).
+
+  Writes the T tokens' keys at slots lengths[b] + t; `lengths` is left for the caller to move.
+  `weights`: `heads_major(model)[0]`, made on the fly when absent."""
+  positions = cache_lib.slot_positions(cache.lengths, tokens.shape[1])
+  x = model.embed_tokens(tokens)
+  layers = []
+  for i, block in enumerate(model.layers):
+    x, layer = block_step(block, x, positions, cache.layer(i),
+                          None if weights is None else weights[i])
+    layers.append(layer)
+  return model.logits(model.norm(x)), x, cache.with_layers(layers)
+
+
+def mtp_forward(model: model_lib.DeepSeekV3, hidden: jax.Array, next_tokens: jax.Array,
+                cache: cache_lib.Cache, depth: int = 1,
+                weights: attention.HeadsMajor | None = None
+                ) -> tuple[jax.Array, jax.Array, cache_lib.Cache]:
+  """MTP module `depth` (1-based) at positions cache.lengths + t, as `MTPModule.__call__`.
+
+  hidden [B, T, D] is h^{depth-1}_i, next_tokens [B, T] is t_{i+depth}; returns the logits for
+  t_{i+depth+1} [B, T, V], h^depth [B, T, D] and the module's one-layer cache."""
+  module = model.mtp[depth - 1]
+  positions = cache_lib.slot_positions(cache.lengths, hidden.shape[1])
+  joined = jnp.concatenate([module.enorm(model.embed_tokens(next_tokens)), module.hnorm(hidden)],
+                           axis=-1)
+  h = jnp.einsum('BTJ,JD->BTD', joined, module.eh_proj[...].astype(hidden.dtype))
+  h, layer = block_step(module.block, h, positions, cache.layer(0), weights)
+  return model.logits(module.norm(h)), h, cache.with_layers([layer])
+
+
+def at_lengths(x: jax.Array, lengths: jax.Array, offset: int = -1) -> jax.Array:
+  """x [B, T, ...] -> x[b, lengths[b] + offset] [B, ...] (default: each prompt's last token)."""
+  index = (lengths + offset).reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+# ---- jitted prefill and decode step ------------------------------------------------------------
+
+
+def prefill(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, state: nnx.State,
+            tokens: jax.Array, lengths: jax.Array, cache: cache_lib.Cache, key: jax.Array):
+  """Right-padded prompts tokens [B, T] of `lengths` [B] into an empty cache.
+
+  Returns (first new token [B], its logits [B, V], cache with lengths = prompt lengths). The
+  padding's keys land beyond each length, where the next steps overwrite them."""
+  model = nnx.merge(graphdef, state)
+  logits, _, cache = forward(model, tokens, cache.replace(lengths=jnp.zeros_like(lengths)))
+  last = at_lengths(logits, lengths)
+  token = sampling_lib.sample(last, jax.random.fold_in(key, 0), sampling)
+  return token, last, cache.replace(lengths=lengths)
+
+
+def step(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, state: nnx.State,
+         token: jax.Array, cache: cache_lib.Cache, key: jax.Array, index: jax.Array,
+         weights: Sequence[attention.HeadsMajor] | None = None):
+  """One new token per sequence: token [B] at position lengths[b] -> (next token, logits [B, V],
+  cache with lengths + 1). `index` (the step number) seeds the sample."""
+  model = nnx.merge(graphdef, state)
+  logits, _, cache = forward(model, token[:, None], cache, weights)
+  logits = logits[:, 0]
+  next_token = sampling_lib.sample(logits, jax.random.fold_in(key, index), sampling)
+  return next_token, logits, cache.replace(lengths=cache.lengths + 1)
+
+
+def decode_loop(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, num_steps: int,
+                state: nnx.State, token: jax.Array, cache: cache_lib.Cache, key: jax.Array):
+  """`num_steps` decode steps in one `lax.scan`: (tokens [B, num_steps] after `token`, cache).
+  The heads-major weights are made once, before the loop."""
+  weights = heads_major(nnx.merge(graphdef, state))[0]
+
+  def body(carry, index):
+    token, cache = carry
+    token, _, cache = step(graphdef, sampling, state, token, cache, key, index, weights)
+    return (token, cache), token
+
+  indices = jnp.arange(1, num_steps + 1, dtype=jnp.int32)
+  (_, cache), tokens = jax.lax.scan(body, (token, cache), indices)
+  return jnp.transpose(tokens), cache
+
+
+# Module-level jits with the graph definition and the sampling settings static: a second model
+# of the same structure, or a second `generate` call, reuses the compiled executables.
+jit_prefill = jax.jit(prefill, static_argnums=(0, 1), donate_argnames='cache')
+jit_step = jax.jit(step, static_argnums=(0, 1), donate_argnames='cache')
+jit_decode_loop = jax.jit(decode_loop, static_argnums=(0, 1, 2), donate_argnames='cache')
+
+
+class Decoder:
+  """A model split once, with jitted `prefill(tokens, lengths, cache, key)` and
+  `step(token, cache, key, index)`; the cache argument is donated to both."""
+
+  def __init__(self, model: model_lib.DeepSeekV3,
+               sampling: sampling_lib.Sampling = sampling_lib.Sampling(), mode: str = 'absorbed'):
+    if mode not in cache_lib.MODES:
+      raise ValueError(f'mode={mode!r}: must be one of {cache_lib.MODES}')
+    self.cfg: ModelConfig = model.cfg
+    self.mode, self.sampling = mode, sampling
+    self.graphdef, self.state = nnx.split(model)
+
+  def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
+    return cache_lib.init(self.cfg, batch, max_len, self.mode)
+
+  def prefill(self, tokens, lengths, cache, key):
+    return jit_prefill(self.graphdef, self.sampling, self.state, tokens, lengths, cache, key)
+
+  def step(self, token, cache, key, index):
+    return jit_step(self.graphdef, self.sampling, self.state, token, cache, key,
+                    jnp.asarray(index, jnp.int32))
+
+
+# ---- prompts and generation ---------------------------------------------------------------------
+
+
+class Generation(NamedTuple):
+  tokens: np.ndarray              # [B, max_new_tokens] int32, the new tokens only
+  prompt_lengths: np.ndarray      # [B]
+  compile_s: float                # tracing and compiling, excluded from the rates below
+  prefill_s: float
+  decode_s: float
+  cache_bytes_per_token: int      # the main model's cache
+  acceptance_rate: float | None   # speculative decoding: accepted drafts / drafts
+  draft_cache_bytes_per_token: int | None
+
+  @property
+  def new_tokens(self) -> int:
+    return int(self.tokens.size)
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None,
+                cfg: ModelConfig, extra_slots: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+  """Right-padded prompts [B, T] int32, their lengths [B] and the cache length to use.
+
+  The default cache length is the longest prompt + max_new_tokens (+ `extra_slots`); every
+  impossible request fails here with a message naming the value."""
+  prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+  if not prompts:
+    raise ValueError('no prompt given: generation needs at least one prompt')
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens}: must be at least 1')
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f'prompt {i} is empty (0 tokens): decoding needs at least one prompt '
+                       'token to predict from')
+    if p.min() < 0 or p.max() >= cfg.vocab_size:
+      raise ValueError(f'prompt {i} has token ids {p.min()}..{p.max()} outside the vocabulary '
+                       f'[0, {cfg.vocab_size})')
+  longest = int(lengths.max())
+  needed = longest + max_new_tokens + extra_slots
+  if max_len is None:
+    max_len = needed
+  if longest > max_len:
+    raise ValueError(f'prompt {int(lengths.argmax())} has {longest} tokens, longer than the '
+                     f'cache (max_len={max_len})')
+  if needed > max_len:
+    raise ValueError(f'the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens}'
+                     + (f' + {extra_slots} draft slot(s)' if extra_slots else '')
+                     + f' = {needed} exceeds the cache (max_len={max_len})')
+  if max_len > cfg.max_position_embeddings:
+    raise ValueError(f'max_len={max_len} exceeds the model\'s max_position_embeddings='
+                     f'{cfg.max_position_embeddings}')
+  padded = np.zeros((len(prompts), longest), np.int32)
+  for i, p in enumerate(prompts):
+    padded[i, :len(p)] = p
+  return padded, lengths, max_len
+
+
+def compile_timed(jitted, *args):
+  """(compiled function of the non-static arguments, seconds spent tracing and compiling; ~0
+  when the same jit has compiled for the same static values and shapes before)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def generate(model: model_lib.DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             *, sampling: sampling_lib.Sampling = sampling_lib.Sampling(),
+             mode: str = 'absorbed', max_len: int | None = None, seed: int = 0) -> Generation:
+  """Plain decoding: `max_new_tokens` tokens after each prompt (no early stop)."""
+  tokens, lengths, max_len = pad_prompts(prompts, max_new_tokens, max_len, model.cfg)
+  decoder = Decoder(model, sampling, mode)
+  B = len(lengths)
+  cache = decoder.init_cache(B, max_len)
+  key = jax.random.key(seed)
+  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+  statics = (decoder.graphdef, sampling)
+  run_prefill, prefill_compile = compile_timed(jit_prefill, *statics, decoder.state, tokens,
+                                               lengths, cache, key)
+  run_loop, loop_compile = compile_timed(jit_decode_loop, *statics, max_new_tokens - 1,
+                                         decoder.state, jax.ShapeDtypeStruct((B,), jnp.int32),
+                                         cache, key)
+  start = time.perf_counter()
+  first, _, cache = run_prefill(decoder.state, tokens, lengths, cache, key)
+  first.block_until_ready()
+  prefill_s = time.perf_counter() - start
+  start = time.perf_counter()
+  rest, cache = run_loop(decoder.state, first, cache, key)
+  new = np.asarray(jax.device_get(jnp.concatenate([first[:, None], rest], axis=1)))
+  decode_s = time.perf_counter() - start
+  return Generation(new, np.asarray(lengths), prefill_compile + loop_compile, prefill_s, decode_s,
+                    cache_lib.bytes_per_token(cache), None, None)

@@ -1,0 +1,117 @@
+"""A model and its tokenizer for inference, from a training workdir or a Hugging Face directory.
+
+A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/{state,data,meta}`
+(`train/checkpoint.py`): the model config is in `meta`, the parameters and router biases in
+`state['tree']`; only that subtree is read, not the optimizer state. Its tokenizer is the one
+`train/tokenizer.make_tokenizer` made: `<workdir>/tokenizer.json` for 'bpe', else bytes.
+A directory with `config.json` goes through `convert.hf.load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import optimizer as opt_lib
+from deepseek_jax.train import tokenizer as tokenizer_lib
+
+
+class Loaded(NamedTuple):
+  cfg: ModelConfig
+  model: model_lib.DeepSeekV3
+  tokenizer: tokenizer_lib.Tokenizer
+  source: str  # what was read, for the log line
+
+
+class _PlainTokenizer:
+  """A `tokenizers` tokenizer.json that is not a pure byte-level BPE (e.g. DeepSeek's own, with
+  special tokens): encode and decode only."""
+
+  def __init__(self, tokenizer):
+    self._tokenizer = tokenizer
+    self.vocab_size = tokenizer.get_vocab_size()
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [self.encode(text) for text in texts]
+
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+def tokenizer_in(directory: pathlib.Path, cfg: ModelConfig) -> tokenizer_lib.Tokenizer:
+  """`<directory>/tokenizer.json` when present, else bytes (which needs vocab_size >= 256)."""
+  path = directory / tokenizer_lib.TOKENIZER_FILE
+  if path.is_file():
+    try:
+      tokenizer = tokenizer_lib.BpeTokenizer.load(str(path))
+    except ValueError:  # not spelled in the byte-level alphabet
+      from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+      tokenizer = _PlainTokenizer(Tokenizer.from_file(str(path)))
+  elif cfg.vocab_size >= tokenizer_lib.ByteTokenizer.vocab_size:
+    tokenizer = tokenizer_lib.ByteTokenizer()
+  else:
+    raise FileNotFoundError(f'{path} not found, and vocab_size={cfg.vocab_size} is too small for '
+                            'the byte tokenizer (256)')
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f'{path}: {tokenizer.vocab_size} tokens, more than the model\'s '
+                     f'vocab_size={cfg.vocab_size}')
+  return tokenizer
+
+
+def restore_workdir(workdir: pathlib.Path) -> tuple[ModelConfig, model_lib.DeepSeekV3, str]:
+  """The model of the latest checkpoint in `<workdir>/checkpoints`."""
+  directory = (workdir / 'checkpoints').absolute()
+  manager = None
+  if directory.is_dir():
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=('state', 'data', 'meta'))
+  step = manager.latest_step() if manager is not None else None
+  if step is None:
+    if manager is not None:
+      manager.close()
+    raise FileNotFoundError(
+        f'no checkpoint in {directory} (train one with `python -m experiments.run '
+        f'--workdir={workdir}`), and {workdir} is not a Hugging Face directory (no config.json)')
+  where = directory / str(step)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    cfg = ModelConfig.from_dict(meta['model'])
+    graphdef, tree, rest = opt_lib.split_trainable(model_lib.abstract(cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={'tree': target}, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args({'tree': target}))))
+  except Exception as e:  # orbax raises many kinds for unreadable files
+    raise ValueError(f'checkpoint {where} cannot be restored ({type(e).__name__}: {e})') from e
+  finally:
+    manager.close()
+  model = opt_lib.merge_trainable(graphdef, restored.state['tree'], rest)
+  return cfg, model, str(where)
+
+
+def load(path: str | pathlib.Path) -> Loaded:
+  """A workdir's latest checkpoint, or a Hugging Face `save_pretrained` directory."""
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{directory} does not exist or is not a directory (expected a '
+                            'training workdir or a Hugging Face directory)')
+  if (directory / 'config.json').is_file():
+    from deepseek_jax.convert import hf  # pylint: disable=import-outside-toplevel
+    cfg, model = hf.load_pretrained(directory)
+    source = str(directory.absolute())
+  else:
+    cfg, model, source = restore_workdir(directory)
+  return Loaded(cfg, model, tokenizer_in(directory, cfg), source)

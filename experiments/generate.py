@@ -1,0 +1,59 @@
+"""Generates text from a trained workdir's latest checkpoint (or a Hugging Face directory).
+
+  python -m experiments.generate --workdir=runs/tiny --prompt="The " --max_new_tokens=128
+                                 [--speculative] [--temperature=0] [--top_k=0] [--top_p=1]
+                                 [--mode=absorbed|naive] [--max_len=...] [--seed=0]
+
+Prints each prompt with its continuation, then one line of JSON: tokens_per_s, new_tokens,
+acceptance_rate (null without --speculative), cache_bytes_per_token and the timings.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from deepseek_jax.inference import decode, load, sampling, speculative
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny',
+                                'Training workdir or Hugging Face directory.')
+_PROMPT = flags.DEFINE_multi_string('prompt', ['The '], 'Prompt text; repeat for a batch.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens generated after each prompt.')
+_SPECULATIVE = flags.DEFINE_bool('speculative', False, 'Draft with the MTP module, verify with '
+                                 'the main model.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0: off.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1: off.')
+_MODE = flags.DEFINE_enum('mode', 'absorbed', ['absorbed', 'naive'],
+                          'absorbed: latent cache with weight absorption; naive: per-head K/V.')
+_MAX_LEN = flags.DEFINE_integer('max_len', None, 'Cache length (default: longest prompt + '
+                                'max_new_tokens).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.ERROR)  # orbax warns about its read-only manager
+  try:
+    config = sampling.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    loaded = load.load(_WORKDIR.value)
+    prompts = [loaded.tokenizer.encode(text) for text in _PROMPT.value]
+    run = speculative.generate if _SPECULATIVE.value else decode.generate
+    result = run(loaded.model, prompts, _MAX_NEW.value, sampling=config, mode=_MODE.value,
+                 max_len=_MAX_LEN.value, seed=_SEED.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+  for text, tokens in zip(_PROMPT.value, result.tokens):
+    print(text + loaded.tokenizer.decode(tokens))
+    print()
+  print(json.dumps(dict(
+      tokens_per_s=result.tokens_per_s, new_tokens=result.new_tokens,
+      acceptance_rate=result.acceptance_rate,
+      cache_bytes_per_token=result.cache_bytes_per_token,
+      draft_cache_bytes_per_token=result.draft_cache_bytes_per_token,
+      prefill_s=result.prefill_s, decode_s=result.decode_s, compile_s=result.compile_s,
+      mode=_MODE.value, speculative=_SPECULATIVE.value, checkpoint=loaded.source)))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,46 @@
+"""Shared by the inference tests: small configs and models initialised from numpy in
+milliseconds (eager `model.create` compiles one random op per parameter shape)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.config import ModelConfig
+
+SMALL = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, qk_nope_head_dim=8,
+             qk_rope_head_dim=4, v_head_dim=6, q_lora_rank=16, kv_lora_rank=12,
+             intermediate_size=48, moe_intermediate_size=16, first_k_dense=1,
+             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+             rope_factor=1.0, max_position_embeddings=256, mtp_depth=1, init_std=0.2)
+
+
+def small_config(**overrides) -> ModelConfig:
+  return ModelConfig(**{**SMALL, **overrides})
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> model_lib.DeepSeekV3:
+  """Matrices ~ N(0, init_std), RMSNorm weights in [0.5, 1.5] and router biases ~ N(0, 0.1), so
+  that a norm or bias read in the wrong place shows (identity-like values would hide it)."""
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(model_lib.abstract(cfg))
+  leaves = {}
+  for path, leaf in nnx.to_flat_state(state):
+    shape = leaf.get_value().shape
+    name = str(path[-1])
+    if name == 'router_bias':
+      value = 0.1 * rng.standard_normal(shape)
+    elif name == 'weight' and len(shape) == 1:
+      value = rng.uniform(0.5, 1.5, shape)
+    else:
+      value = cfg.init_std * rng.standard_normal(shape)
+    leaves[path] = leaf.replace(jnp.asarray(value, jnp.float32))
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def full_logits(model: model_lib.DeepSeekV3, tokens: np.ndarray) -> np.ndarray:
+  """The model's logits without any cache, jitted over the split state."""
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda state, tokens: model_lib.apply(graphdef, state, tokens).logits)
+  return np.asarray(run(state, jnp.asarray(tokens)))
