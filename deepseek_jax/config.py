@@ -139,7 +139,8 @@ def _validate(c: ModelConfig) -> None:
   if c.precision not in PRECISIONS:
     _fail('precision', c.precision, f'must be one of {PRECISIONS}')
   if c.precision == 'fp8' and c.moe_matmul == 'ragged_dot':
-    _fail('moe_matmul', c.moe_matmul, "has no FP8 form; with precision='fp8' use 'blocked' or 'auto'")
+    _fail('moe_matmul', c.moe_matmul,
+          "has no FP8 form; with precision='fp8' use 'blocked' or 'auto'")
   if c.num_moe_layers == 0 and c.mtp_depth == 0:
     return  # an all-dense model: the routing fields are unused (MTP blocks are MoE layers)
   if c.n_routed_experts == 0:

@@ -61,6 +61,7 @@ def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROW
   source = jnp.where(offset < group_sizes[padded_expert], start[padded_expert] + offset, M)
   x_blocks = take_rows(x, source, slot).reshape(num_blocks, block, D)
   block_expert = padded_expert[::block]
+
   def expert_matmul(rows, w):  # 'nbD,nDF->nbF' with each block's expert weights
     return linear.batched_linear(rows, _block_weights(w, block_expert), precision=precision)
 

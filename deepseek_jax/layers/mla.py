@@ -69,19 +69,19 @@ class MLA(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention over x [B, T, D]; `segment_ids` [B, T] keep packed documents apart."""
-    N = self.cfg.num_heads
+    N, precision = self.cfg.num_heads, self.cfg.precision
     q_nope, q_rope = self.project_query(x, positions)
     c_kv, k_rope = self.compress_kv(x, positions)
     # One dot per score: [q_nope; q_rope].[k_nope; k_rope], the rope key repeated for every head.
     q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, N, T, H+R]
-    k_nope = _heads_linear(c_kv, self.w_uk[...], self.cfg.precision).transpose(0, 2, 1, 3)    # [B, N, S, H]
+    k_nope = _heads_linear(c_kv, self.w_uk[...], precision).transpose(0, 2, 1, 3)  # [B, N, S, H]
     k_rope = jnp.broadcast_to(k_rope[:, None], (k_rope.shape[0], N) + k_rope.shape[1:])
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                       # [B, N, S, H+R]
-    v = _heads_linear(c_kv, self.w_uv[...], self.cfg.precision).transpose(0, 2, 1, 3)        # [B, N, S, U]
+    v = _heads_linear(c_kv, self.w_uv[...], precision).transpose(0, 2, 1, 3)       # [B, N, S, U]
     o = attend(q, k, v, causal_mask(positions, segment_ids), rope.softmax_scale(self.cfg))
     B, _, T, U = o.shape
     o = o.transpose(0, 2, 1, 3).reshape(B, T, N * U)
-    return linear.linear(o, self.w_o[...].reshape(N * U, -1), precision=self.cfg.precision)
+    return linear.linear(o, self.w_o[...].reshape(N * U, -1), precision=precision)
 
 
 def _heads_linear(x: jax.Array, w: jax.Array, precision: str) -> jax.Array:
@@ -124,9 +124,6 @@ def _attend_bwd(scale, residuals, d_out):
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-
 
 
 def causal_mask(positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
