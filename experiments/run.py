@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax.train import loop
+from deepseek_jax import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
                                           'Experiment config file.')
@@ -25,6 +25,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and XLA log every save at INFO
   name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
   workdir = _WORKDIR.value or f'runs/{name}'
+  from deepseek_jax.train import loop  # pylint: disable=import-outside-toplevel  (after hostmem)
   try:
     result = loop.train(_CONFIG.value, workdir)
   except (ValueError, FloatingPointError) as e:
@@ -33,4 +34,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.reexec_with_huge_pages('experiments.run')  # before anything imports JAX
   app.run(main)

@@ -176,12 +176,33 @@ def test_fp32_promotion_stays_exact_while_a_bf16_running_sum_drifts():
     wv, ws = fp8.quantize(w, fp8.WEIGHT_BLOCK)
     exact = (np.asarray(fp8.dequantize(xv, xs, fp8.ACT_BLOCK), np.float64)
              @ np.asarray(fp8.dequantize(wv, ws, fp8.WEIGHT_BLOCK), np.float64))
-    errors[K] = {acc: rel_fro(fp8.scaled_matmul(xv, xs, wv, ws, accumulate=acc), exact)
+    errors[K] = {acc: rel_fro(fp8.scaled_matmul(xv, xs, wv, ws, accumulate=acc, impl='jnp'),
+                              exact)
                  for acc in ('float32', 'bfloat16')}
-  assert all(e['float32'] < 1e-5 for e in errors.values()), errors
+    errors[K]['dequant'] = rel_fro(fp8.scaled_matmul(xv, xs, wv, ws, impl='dequant'), exact)
+  assert all(e['float32'] < 1e-5 and e['dequant'] < 1e-5 for e in errors.values()), errors
   bf16 = [errors[K]['bfloat16'] for K in (512, 2048, 16384)]
   assert bf16[0] < bf16[1] < bf16[2], errors
   assert bf16[2] > 4 * bf16[0] and bf16[2] > 1e-3, errors
+
+
+@pytest.mark.parametrize('x_block,w_block', [(fp8.ACT_BLOCK, fp8.WEIGHT_BLOCK),
+                                             (fp8.WEIGHT_BLOCK, fp8.TOKEN_BLOCK)])
+def test_dequant_impl_equals_the_blockwise_reference(x_block, w_block):
+  """The CPU path (one FP32 GEMM of dequantized operands) against the per-K-block reference:
+  equal up to FP32 rounding and summation order, for M, K, N off the 128 grid and for both
+  scale layouts (1x128 / 128x128 forward, 128x128 / 128x1 as in wgrad)."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(spread_normal(rng, (150, 300)), jnp.float32)
+  w = jnp.asarray(spread_normal(rng, (300, 200)), jnp.float32)
+  xv, xs = fp8.quantize(x, x_block)
+  wv, ws = fp8.quantize(w, w_block)
+  ref = np.asarray(fp8.scaled_matmul(xv, xs, wv, ws, impl='jnp'))
+  got = np.asarray(fp8.scaled_matmul(xv, xs, wv, ws, impl='dequant'))
+  assert rel_fro(got, ref) < 1e-6
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+  with pytest.raises(ValueError, match='impl'):
+    fp8.scaled_matmul(xv, xs, wv, ws, impl='cuda')
 
 
 # ---- the FP8 linear layers ---------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_bias_update_moves_by_exactly_gamma(split):
   huge = jax.tree.map(lambda b: jnp.full_like(b, 1e6), bias)  # the "gradient" is ignored
   updates, state = tx.update(huge, tx.init(bias), bias,
                              expert_load=opt.bias_loads(bias, jnp.asarray(LOADS), CFG))
-  assert state == optax.EmptyState()
+  assert int(state.count) == 1  # a step counter for the gamma schedule, nothing per expert
   got = flat(updates)
   for row, path in enumerate(BIAS_PATHS):
     np.testing.assert_array_equal(got[path], MOVES[row])
@@ -147,7 +147,28 @@ def test_full_optimizer_moves_bias_only(split):
   assert isinstance(adam, optax.ScaleByAdamState) and int(adam.count) == 2
   assert adam.mu['router_bias'] == optax.MaskedNode()
   assert adam.nu['router_bias'] == optax.MaskedNode()
-  assert state.inner_states['bias'].inner_state == optax.EmptyState()
+  bias_state = state.inner_states['bias'].inner_state
+  assert isinstance(bias_state, optax.ScaleByScheduleState) and int(bias_state.count) == 2
+
+
+def test_bias_gamma_switches_to_the_late_value_at_the_switch_step():
+  """gamma = bias_gamma for updates 0..2, bias_gamma_late from update 3 on: the moves of five
+  updates at a fixed load are exactly g, g, g, g_late, g_late (V3 §4.2's late gamma of 0)."""
+  tx = opt.make_optimizer(train_cfg(bias_gamma=0.25, bias_gamma_late=0.0625,
+                                    bias_gamma_switch_step=3))
+  tree = {'params': {'w': jnp.ones((2, 2))}, 'router_bias': {'b': jnp.zeros(3)}}
+  grads = jax.tree.map(jnp.zeros_like, tree)
+  load = {'b': jnp.array([1, 2, 3])}  # mean 2: +g, 0, -g
+  state, moves = tx.init(tree), []
+  for _ in range(5):
+    new, state = _step(tx, grads, state, tree, load)
+    move = np.asarray(new['router_bias']['b'] - tree['router_bias']['b'])
+    np.testing.assert_array_equal(move, [move[0], 0.0, -move[0]])
+    moves.append(float(move[0]))
+    tree = new
+  assert moves == [0.25, 0.25, 0.25, 0.0625, 0.0625]
+  constant = opt.bias_gamma_schedule(train_cfg(bias_gamma=0.5, bias_gamma_late=0.0))
+  assert [float(constant(n)) for n in (0, 10**6)] == [0.5, 0.5]
 
 
 # ---- AdamW -----------------------------------------------------------------------------------

@@ -16,8 +16,14 @@ blocks) and calls `scaled_matmul`. `linear(x, w)` is the same forward with a cus
   wgrad    dw = x^T . dy   x and dy: 128x1 tiles along the token dim M (the contraction here)
 The forward caches x in FP8 (already re-tiled for wgrad) and the quantized weight, not x itself.
 
-The plain-jnp path below is the reference and the CPU path; a Pallas kernel goes behind
-`scaled_matmul(impl=...)` (see `_dispatch`) with the same signature and semantics.
+Implementations behind `scaled_matmul(impl=...)` (see `_dispatch`), one signature and semantics:
+- 'jnp': the reference, literally one FP8 GEMM per K block, scaled and added in FP32;
+- 'dequant': the same sum with the scales moved inside it, sum_k (x_k s_x,b(k)) (w_k s_w,b(k)),
+  as one FP32 GEMM of the dequantized operands. An E4M3 value times its FP32 scale is exact up to
+  one FP32 rounding, so it differs from 'jnp' only by FP32 rounding and summation order (tested).
+  CPUs have no FP8 units (XLA converts FP8 operands to FP32 anyway), so 'auto' picks it there:
+  one GEMM instead of K/128 small ones.
+A Pallas kernel (GPU/TPU) plugs in the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_bl
 
 BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
 ACCUMULATE = ('float32', 'bfloat16')
-IMPLS = ('auto', 'jnp')
+IMPLS = ('auto', 'jnp', 'dequant')
 
 
 def scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
@@ -124,12 +130,27 @@ _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # ---- implementations -----------------------------------------------------------------------------
 
 def _dispatch(impl: str):
-  """The one place a backend-specific kernel plugs in (e.g. Pallas on GPU/TPU); CPU uses jnp."""
+  """The one place a backend-specific kernel plugs in (e.g. Pallas on GPU/TPU)."""
   if impl == 'auto':
-    impl = 'jnp'
+    impl = 'dequant' if jax.default_backend() == 'cpu' else 'jnp'
   if impl == 'jnp':
     return _scaled_matmul_jnp
+  if impl == 'dequant':
+    return _scaled_matmul_dequant
   raise ValueError(f'scaled_matmul: impl={impl!r}, expected one of {IMPLS}')
+
+
+def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
+  """One FP32 GEMM of the dequantized operands (see the module docstring); shapes as `jnp`."""
+  if accumulate != 'float32':  # a rounded running sum only exists block by block
+    return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
+  K = x_values.shape[1]
+  Kb = x_scales.shape[1]
+  x_scales = jnp.repeat(x_scales, BLOCK_K, axis=1, total_repeat_length=Kb * BLOCK_K)[:, :K]
+  w_scales = jnp.repeat(w_scales, BLOCK_K, axis=0, total_repeat_length=Kb * BLOCK_K)[:K]
+  x = x_values.astype(jnp.float32) * x_scales
+  w = w_values.astype(jnp.float32) * w_scales
+  return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):

@@ -41,6 +41,8 @@ def default_train_fields() -> dict[str, Any]:
       grad_clip=1.0,               # global norm over the parameters' gradients
       bf16_moments=False,          # AdamW mu and nu in bfloat16 (V3 §3.3)
       bias_gamma=1e-3,             # aux-loss-free bias update speed (V3 §2.1.2)
+      bias_gamma_late=0.0,         # gamma from bias_gamma_switch_step on (V3 §4.2 ends with 0)
+      bias_gamma_switch_step=-1,   # -1: bias_gamma throughout
       bal_alpha=1e-4,              # sequence-wise balance loss weight (eq. 17)
       mtp_weight=0.3,              # lambda of eq. 25
       mtp_weight_late=0.1,
@@ -94,8 +96,19 @@ def _key_names(path) -> tuple:
 
 # ---- the aux-loss-free bias update -----------------------------------------------------------
 
-def aux_free_bias_update(gamma: float) -> optax.GradientTransformationExtraArgs:
+def bias_gamma_schedule(train) -> optax.Schedule:
+  """gamma per update: `bias_gamma`, then `bias_gamma_late` from update `bias_gamma_switch_step`
+  on (V3 §4.2 keeps 0.001 for 14.3T tokens and 0 for the last 500B, letting routing settle)."""
+  if train.bias_gamma_switch_step < 0:
+    return optax.constant_schedule(train.bias_gamma)
+  early, late, switch = train.bias_gamma, train.bias_gamma_late, train.bias_gamma_switch_step
+  return lambda count: jnp.where(count < switch, jnp.float32(early), jnp.float32(late))
+
+
+def aux_free_bias_update(gamma: float | optax.Schedule) -> optax.GradientTransformationExtraArgs:
   """V3 §2.1.2: each bias moves by -gamma * sign(load_i - mean load); the gradient is ignored.
+
+  `gamma` is a number or a schedule of the update count (kept in the state, as optax does).
 
   `update(updates, state, params, expert_load=...)` takes the loads in the structure of the bias
   leaves (`bias_loads`). Inside `optax.partition` the updates are the whole trainable tree with
@@ -103,15 +116,19 @@ def aux_free_bias_update(gamma: float) -> optax.GradientTransformationExtraArgs:
   must end the path of the bias it moves (plain dicts of arrays work as well as nnx.State).
   """
 
+  schedule = gamma if callable(gamma) else optax.constant_schedule(gamma)
+
   def init_fn(params):
     del params
-    return optax.EmptyState()
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, expert_load=None, **extra_args):
     del params, extra_args
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     if not flat:
       return updates, state
+    step_gamma = schedule(state.count)
+    state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
     if expert_load is None:
       raise ValueError('aux_free_bias_update needs the extra argument expert_load (bias_loads)')
     loads = jax.tree_util.tree_flatten_with_path(expert_load)[0]
@@ -125,7 +142,7 @@ def aux_free_bias_update(gamma: float) -> optax.GradientTransformationExtraArgs:
                          f'match router bias {jax.tree_util.keystr(path)} {bias_update.shape}')
       load = load.astype(jnp.float32)
       # Overloaded experts (above the mean) lose gamma, underloaded gain it, balanced stay put.
-      move = gamma * jnp.sign(jnp.mean(load) - load)
+      move = step_gamma * jnp.sign(jnp.mean(load) - load)
       moves.append(move.astype(bias_update.dtype))
     return treedef.unflatten(moves), state
 
@@ -192,5 +209,5 @@ def make_optimizer(train) -> optax.GradientTransformationExtraArgs:
   bias branch reads it (it must not be masked, hence mask_compatible_extra_args=False).
   """
   return optax.partition(
-      {'adamw': adamw(train), 'bias': aux_free_bias_update(train.bias_gamma)}, LABELS,
+      {'adamw': adamw(train), 'bias': aux_free_bias_update(bias_gamma_schedule(train))}, LABELS,
       mask_compatible_extra_args=False)
