@@ -10,6 +10,7 @@ import json
 
 from absl import app, flags
 
+from deepseek_jax import hostmem
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import bench
 from experiments.configs import tiny
@@ -37,4 +38,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.reexec_with_huge_pages('experiments.bench_train')  # see deepseek_jax/hostmem.py
   app.run(main)

@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax import hostmem
 from deepseek_jax.train import precision_compare
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
@@ -34,4 +35,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.reexec_with_huge_pages('experiments.fp8_vs_bf16')  # see deepseek_jax/hostmem.py
   app.run(main)

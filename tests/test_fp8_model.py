@@ -26,7 +26,8 @@ def _loss_and_grads(cfg, tokens):
     logp = jax.nn.log_softmax(out.logits[:, :-1])
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)), out.logits
 
-  (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state)
+  # One compiled program: eager autodiff dispatches thousands of small ops one at a time.
+  (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
   return value, logits, grads
 
 
