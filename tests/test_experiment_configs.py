@@ -33,6 +33,15 @@ def test_config_file_loads_and_validates(name):
   assert 0 < counts.activated < counts.total
 
 
+@pytest.mark.parametrize('name', ['tiny_no_balancing', 'tiny_aux_loss_only'])
+def test_ablations_without_the_bias_never_move_it(name):
+  """gamma is 0 at every step, including after tiny.py's late switch."""
+  from deepseek_jax.train import optimizer  # pylint: disable=import-outside-toplevel
+  train = importlib.import_module(f'experiments.configs.{name}').get_config().train
+  gamma = optimizer.bias_gamma_schedule(train)
+  assert [float(gamma(step)) for step in (0, train.steps // 2, train.steps - 1)] == [0.0] * 3
+
+
 def test_summary_command_prints_counts_and_rejects_bad_override():
   done = subprocess.run(
       [sys.executable, '-m', 'experiments.summary', '--config=experiments/configs/tiny.py',
