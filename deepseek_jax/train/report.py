@@ -1,7 +1,8 @@
 """End-of-run artefacts: a PNG of the loss curves and the expert-load heat map, and a text sample.
 
-The sample is greedy and recomputes the whole window each token (the latent KV cache arrives
-with the inference issue); one compiled function serves every step.
+The sample is greedy and recomputes the whole window each token; one compiled function serves
+every step. It deliberately does not use `deepseek_jax.inference`: being independent of the KV
+cache, it is the reference a test holds the cached decoder of a restored checkpoint to.
 """
 
 from __future__ import annotations
