@@ -145,11 +145,8 @@ def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
   if accumulate != 'float32':  # a rounded running sum only exists block by block
     return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
   K = x_values.shape[1]
-  Kb = x_scales.shape[1]
-  x_scales = jnp.repeat(x_scales, BLOCK_K, axis=1, total_repeat_length=Kb * BLOCK_K)[:, :K]
-  w_scales = jnp.repeat(w_scales, BLOCK_K, axis=0, total_repeat_length=Kb * BLOCK_K)[:K]
-  x = x_values.astype(jnp.float32) * x_scales
-  w = w_values.astype(jnp.float32) * w_scales
+  x = x_values.astype(jnp.float32) * _per_line(x_scales, K, axis=1)  # a scale per K element
+  w = w_values.astype(jnp.float32) * _per_line(w_scales, K, axis=0)
   return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 

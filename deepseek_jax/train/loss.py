@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model import ModelOutput
+from deepseek_jax.train import optimizer
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -35,10 +36,8 @@ def shift_left(x: jax.Array, k: int) -> jax.Array:
 def mtp_weight(step: jax.Array | int, train) -> jax.Array:
   """lambda: `mtp_weight`, or `mtp_weight_late` from `mtp_weight_switch_step` on (V3 §4.2:
   0.3 for the first 10T tokens, 0.1 after). `step` may be traced."""
-  if train.mtp_weight_switch_step < 0:
-    return jnp.asarray(train.mtp_weight, jnp.float32)
-  return jnp.where(jnp.asarray(step) < train.mtp_weight_switch_step,
-                   jnp.float32(train.mtp_weight), jnp.float32(train.mtp_weight_late))
+  return optimizer.switched_schedule(train.mtp_weight, train.mtp_weight_late,
+                                     train.mtp_weight_switch_step)(step)
 
 
 def max_violation(expert_load: jax.Array) -> jax.Array:

@@ -96,13 +96,20 @@ def _key_names(path) -> tuple:
 
 # ---- the aux-loss-free bias update -----------------------------------------------------------
 
+def switched_schedule(early: float, late: float, switch_step: int) -> optax.Schedule:
+  """float32 `early` before step `switch_step`, `late` from it on; `early` throughout when
+  switch_step < 0. The step may be traced. (V3's late changes of gamma and of lambda, §4.2.)"""
+  if switch_step < 0:
+    return lambda step: jnp.asarray(early, jnp.float32)
+  return lambda step: jnp.where(jnp.asarray(step) < switch_step, jnp.float32(early),
+                                jnp.float32(late))
+
+
 def bias_gamma_schedule(train) -> optax.Schedule:
   """gamma per update: `bias_gamma`, then `bias_gamma_late` from update `bias_gamma_switch_step`
   on (V3 §4.2 keeps 0.001 for 14.3T tokens and 0 for the last 500B, letting routing settle)."""
-  if train.bias_gamma_switch_step < 0:
-    return optax.constant_schedule(train.bias_gamma)
-  early, late, switch = train.bias_gamma, train.bias_gamma_late, train.bias_gamma_switch_step
-  return lambda count: jnp.where(count < switch, jnp.float32(early), jnp.float32(late))
+  return switched_schedule(train.bias_gamma, train.bias_gamma_late,
+                           train.bias_gamma_switch_step)
 
 
 def aux_free_bias_update(gamma: float | optax.Schedule) -> optax.GradientTransformationExtraArgs:
