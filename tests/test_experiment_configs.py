@@ -33,6 +33,19 @@ def test_config_file_loads_and_validates(name):
   assert 0 < counts.activated < counts.total
 
 
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_model_field_can_be_overridden(name):
+  """`--config.model.<field>` needs the field in the ConfigDict, defaults included."""
+  model = importlib.import_module(f'experiments.configs.{name}').get_config().model
+  assert set(model) == set(ModelConfig.__dataclass_fields__)
+
+
+def test_a_model_field_that_does_not_exist_is_named():
+  from experiments.configs import common  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='hidden_sise'):
+    common.base_config({'hidden_sise': 64})
+
+
 @pytest.mark.parametrize('name', ['tiny_no_balancing', 'tiny_aux_loss_only'])
 def test_ablations_without_the_bias_never_move_it(name):
   """gamma is 0 at every step, including after tiny.py's late switch."""

@@ -2,14 +2,24 @@
 
 import ml_collections
 
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import optimizer
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
-  """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`."""
+  """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`.
+
+  `model` holds every ModelConfig field (those `model` leaves out at their defaults), so each one
+  can be overridden on the command line, e.g. `--config.model.precision=fp8`.
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = ml_collections.ConfigDict(model)
+  unknown = sorted(set(model) - set(ModelConfig.__dataclass_fields__))
+  if unknown:
+    raise ValueError(f'model fields {unknown} are not ModelConfig fields')
+  config.model = ml_collections.ConfigDict({
+      name: model.get(name, field.default)
+      for name, field in ModelConfig.__dataclass_fields__.items()})
   config.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=16,
