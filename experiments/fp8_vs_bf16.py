@@ -1,10 +1,12 @@
-"""Trains one config twice, BF16 and FP8 (V3 §3.3), and prints one JSON line comparing the final
-train and held-out losses (`rel_diff_eval_loss`); writes <workdir>/fp8_vs_bf16.png.
+"""Trains one config twice per seed, BF16 and FP8 (V3 §3.3), and prints one JSON line comparing
+the final train and held-out losses, averaged over the seeds (`rel_diff_eval_loss`, with its
+standard error and the per-seed figures); writes <workdir>/fp8_vs_bf16.png.
 
-  python -m experiments.fp8_vs_bf16 [--config=experiments/configs/tiny.py]
-      [--config.train.steps=1000] [--workdir=runs/fp8_vs_bf16]
+  python -m experiments.fp8_vs_bf16 [--config=experiments/configs/tiny.py] [--steps=1000]
+      [--seeds=0,1,2] [--workdir=runs/fp8_vs_bf16]
 
-Rerunning resumes both runs from their checkpoints.
+Each run lives in <workdir>/seed<seed>/<precision>; rerunning resumes them from their
+checkpoints and reuses the finished ones.
 """
 
 import json
@@ -18,8 +20,10 @@ from deepseek_jax.train import precision_compare
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
                                           'Experiment config file.')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/fp8_vs_bf16', 'Holds bf16/ and fp8/ runs.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/fp8_vs_bf16', 'Holds seed<k>/{bf16,fp8}/ runs.')
 _STEPS = flags.DEFINE_integer('steps', 1000, 'Training steps of each run.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+                           'Seeds (init and data order); the losses are averaged over them.')
 
 
 def main(argv):
@@ -28,7 +32,8 @@ def main(argv):
   config = _CONFIG.value
   config.train.steps = _STEPS.value
   try:
-    result = precision_compare.compare(config, _WORKDIR.value)
+    seeds = [int(s) for s in _SEEDS.value]
+    result = precision_compare.compare(config, _WORKDIR.value, seeds)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(result))

@@ -1,8 +1,8 @@
 """A model and its tokenizer for inference, from a training workdir or a Hugging Face directory.
 
-A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/{state,data,meta}`
-(`train/checkpoint.py`): the model config is in `meta`, the parameters and router biases in
-`state['tree']`; only that subtree is read, not the optimizer state. Its tokenizer is the one
+A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/` (`train/checkpoint.py`):
+the model config is read from its `meta`, then only the parameters and router biases
+(`Checkpoints.restore_tree`), not the optimizer state. Its tokenizer is the one
 `train/tokenizer.make_tokenizer` made: `<workdir>/tokenizer.json` for 'bpe', else bytes.
 A directory with `config.json` goes through `convert.hf.load_pretrained`.
 """
@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import checkpoint as ckpt_lib
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import tokenizer as tokenizer_lib
 
@@ -69,37 +69,26 @@ def tokenizer_in(directory: pathlib.Path, cfg: ModelConfig) -> tokenizer_lib.Tok
 
 
 def restore_workdir(workdir: pathlib.Path) -> tuple[ModelConfig, model_lib.DeepSeekV3, str]:
-  """The model of the latest checkpoint in `<workdir>/checkpoints`."""
+  """The model of the latest checkpoint in `<workdir>/checkpoints`, on the first device."""
   directory = (workdir / 'checkpoints').absolute()
-  manager = None
-  if directory.is_dir():
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=('state', 'data', 'meta'))
-  step = manager.latest_step() if manager is not None else None
+  checkpoints = ckpt_lib.Checkpoints(directory, read_only=True) if directory.is_dir() else None
+  step = checkpoints.latest_step() if checkpoints is not None else None
   if step is None:
-    if manager is not None:
-      manager.close()
+    if checkpoints is not None:
+      checkpoints.close()
     raise FileNotFoundError(
         f'no checkpoint in {directory} (train one with `python -m experiments.run '
         f'--workdir={workdir}`), and {workdir} is not a Hugging Face directory (no config.json)')
-  where = directory / str(step)
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    cfg = ModelConfig.from_dict(meta['model'])
+    cfg = ModelConfig.from_dict(checkpoints.read_meta(step)['model'])
     graphdef, tree, rest = opt_lib.split_trainable(model_lib.abstract(cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={'tree': target}, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args({'tree': target}))))
-  except Exception as e:  # orbax raises many kinds for unreadable files
-    raise ValueError(f'checkpoint {where} cannot be restored ({type(e).__name__}: {e})') from e
+    tree = checkpoints.restore_tree(step, target)
   finally:
-    manager.close()
-  model = opt_lib.merge_trainable(graphdef, restored.state['tree'], rest)
-  return cfg, model, str(where)
+    checkpoints.close()
+  model = opt_lib.merge_trainable(graphdef, tree, rest)
+  return cfg, model, str(directory / str(step))
 
 
 def load(path: str | pathlib.Path) -> Loaded:

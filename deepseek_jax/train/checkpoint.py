@@ -15,14 +15,19 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
+  """`<directory>/<step>/` holds three items: `state` ({'tree': params and router biases,
+  'opt': optimizer state, ...}), `data` (the iterator's state) and `meta` ({'model': config})."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save),
-        item_names=('state', 'data', 'meta'))
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=('state', 'data', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -32,14 +37,19 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
+  def read_meta(self, step: int) -> dict:
+    """The `meta` saved at `step` ({'model': the ModelConfig as a dict})."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # orbax raises many kinds for unreadable files
+      raise ValueError(f'checkpoint {self.directory / str(step)} cannot be read '
+                       f'({type(e).__name__}: {e})') from e
+
   def restore(self, step: int, abstract_state: Any, meta: dict) -> tuple[Any, dict]:
     """The state and data-iterator state saved at `step`; `meta` must match the saved one."""
     where = self.directory / str(step)
-    try:
-      saved_meta = self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # orbax raises many kinds for unreadable files
-      raise ValueError(f'checkpoint {where} cannot be read ({type(e).__name__}: {e})') from e
+    saved_meta = self.read_meta(step)
     mismatch = _differences(saved_meta.get('model', {}), meta.get('model', {}))
     if mismatch:
       raise ValueError(f'checkpoint {where} was written by a different model config: '
@@ -50,6 +60,23 @@ class Checkpoints:
     except Exception as e:
       raise ValueError(f'checkpoint {where} cannot be restored ({type(e).__name__}: {e})') from e
     return restored.state, restored.data
+
+  def restore_tree(self, step: int, abstract_tree: Any) -> Any:
+    """Only `state['tree']` (parameters and router biases) saved at `step`, onto the shapes,
+    dtypes and shardings of `abstract_tree`; the optimizer state is not read."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item={'tree': abstract_tree}, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args({'tree': abstract_tree}))))
+    except Exception as e:  # orbax raises many kinds for unreadable files
+      error = (f'checkpoint {self.directory / str(step)} cannot be restored '
+               f'({type(e).__name__}: {e})')
+    else:
+      return restored.state['tree']
+    # Raised outside the handler, without orbax's traceback: holding its frames past close()
+    # lets a pending restore task reach a closed event loop when they are collected.
+    raise ValueError(error)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
