@@ -2,8 +2,10 @@
 the final train and held-out losses, averaged over the seeds (`rel_diff_eval_loss`, with its
 standard error and the per-seed figures); writes <workdir>/fp8_vs_bf16.png.
 
-  python -m experiments.fp8_vs_bf16 [--config=experiments/configs/tiny.py] [--steps=1000]
-      [--seeds=0,1,2] [--workdir=runs/fp8_vs_bf16]
+  python -m experiments.fp8_vs_bf16 [--config=experiments/configs/tiny_one_pass.py]
+      [--steps=1000] [--seeds=0,1,2,3,4] [--workdir=runs/fp8_vs_bf16]
+
+The default config is the tiny model on unrepeated data (`tiny_one_pass.py` says why).
 
 Each run lives in <workdir>/seed<seed>/<precision>; rerunning resumes them from their
 checkpoints and reuses the finished ones.
@@ -18,11 +20,11 @@ from ml_collections import config_flags
 from deepseek_jax import hostmem
 from deepseek_jax.train import precision_compare
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny_one_pass.py',
                                           'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/fp8_vs_bf16', 'Holds seed<k>/{bf16,fp8}/ runs.')
-_STEPS = flags.DEFINE_integer('steps', 1000, 'Training steps of each run.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+_STEPS = flags.DEFINE_integer('steps', None, 'Training steps of each run (default: the config\'s).')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'],
                            'Seeds (init and data order); the losses are averaged over them.')
 
 
@@ -30,7 +32,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  config.train.steps = _STEPS.value
+  if _STEPS.value is not None:
+    config.train.steps = _STEPS.value
   try:
     seeds = [int(s) for s in _SEEDS.value]
     result = precision_compare.compare(config, _WORKDIR.value, seeds)
