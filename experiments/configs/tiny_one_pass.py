@@ -3,8 +3,8 @@ training split, so no token is trained on twice and held-out loss measures how w
 learned rather than how much it memorized. `experiments.fp8_vs_bf16` compares precisions on it.
 
 tiny.py's 450 steps of 32 × 128 tokens cover the 658K-token split 2.8 times; at 1,000 steps that
-would be 6 passes, and there FP8's rounding acts as a regularizer: FP8 ends 0.5–1.7% higher on
-training loss and ~0.3% lower on held-out loss, two seeds alike (see the README), which says
+would be 6 passes, and there FP8 ended 0.5% and 1.7% higher on training loss but ~0.3% lower on
+held-out loss (two seeds, see the README): its rounding seems to slow memorization, which says
 more about overfitting than about FP8's accuracy. The V3 report's comparison trains on
 unrepeated data.
 """
