@@ -74,8 +74,9 @@ class Checkpoints:
                f'({type(e).__name__}: {e})')
     else:
       return restored.state['tree']
-    # Raised outside the handler, without orbax's traceback: holding its frames past close()
-    # lets a pending restore task reach a closed event loop when they are collected.
+    # Raised outside the handler so the ValueError does not chain orbax's exception. Chained, the
+    # 'Event loop is closed' warning that orbax's failed restore leaves behind was collected
+    # during pytest's summary, where CPython 3.11.7 then failed with a SystemError (2026-11-29).
     raise ValueError(error)
 
   def wait(self) -> None:

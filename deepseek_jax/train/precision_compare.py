@@ -46,7 +46,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       run.train.bf16_moments = True  # the FP8 recipe's moments, in both runs (module docstring)
       rundir = workdir / f'seed{seed}' / precision
       loop.train(run, rundir)
-      rows = [json.loads(line) for line in (rundir / 'metrics.jsonl').open()]
+      rows = [json.loads(line) for line in (rundir / 'metrics.jsonl').read_text().splitlines()]
       curves[seed, precision] = rows
       row.update({f'{precision}_{k}': v for k, v in final_losses(rows, run.train.steps).items()})
     per_seed.append(row)
@@ -70,10 +70,10 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
   """The mean of each final loss over seeds per precision, the relative differences of those
   means, `(fp8 - bf16) / bf16`, and with two or more seeds the standard error of the held-out
   difference (the spread of the per-seed differences over sqrt(seeds)). Each per-seed row gets
-  its own relative differences too."""
-  for row in per_seed:
-    for key in ('train_loss', 'eval_loss'):
-      row[f'rel_diff_{key}'] = (row[f'fp8_{key}'] - row[f'bf16_{key}']) / row[f'bf16_{key}']
+  its own relative differences too (in copies; the caller's rows are left as they are)."""
+  per_seed = [dict(row, **{f'rel_diff_{key}': (row[f'fp8_{key}'] - row[f'bf16_{key}'])
+                           / row[f'bf16_{key}'] for key in ('train_loss', 'eval_loss')})
+              for row in per_seed]
   result: dict[str, Any] = {'seeds': [row['seed'] for row in per_seed]}
   for precision in PRECISIONS:
     for key in LOSSES:

@@ -10,16 +10,12 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`.
 
   `model` holds every ModelConfig field (those `model` leaves out at their defaults), so each one
-  can be overridden on the command line, e.g. `--config.model.precision=fp8`.
+  can be overridden on the command line, e.g. `--config.model.precision=fp8`; `ModelConfig`
+  rejects unknown fields and impossible values here already.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  unknown = sorted(set(model) - set(ModelConfig.__dataclass_fields__))
-  if unknown:
-    raise ValueError(f'model fields {unknown} are not ModelConfig fields')
-  config.model = ml_collections.ConfigDict({
-      name: model.get(name, field.default)
-      for name, field in ModelConfig.__dataclass_fields__.items()})
+  config.model = ml_collections.ConfigDict(ModelConfig.from_dict(model).to_dict())
   config.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=16,
