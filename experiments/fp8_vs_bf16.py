@@ -26,6 +26,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/fp8_vs_bf16', 'Holds seed<k>/{bf
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps of each run (default: the config\'s).')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'],
                            'Seeds (init and data order); the losses are averaged over them.')
+flags.register_validator('seeds', lambda seeds: all(s.strip().isdigit() for s in seeds),
+                         message='--seeds takes non-negative integers separated by commas')
 
 
 def main(argv):
@@ -35,8 +37,7 @@ def main(argv):
   if _STEPS.value is not None:
     config.train.steps = _STEPS.value
   try:
-    seeds = [int(s) for s in _SEEDS.value]
-    result = precision_compare.compare(config, _WORKDIR.value, seeds)
+    result = precision_compare.compare(config, _WORKDIR.value, [int(s) for s in _SEEDS.value])
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(result))
