@@ -15,6 +15,7 @@ SCORING_FUNCS = ('sigmoid', 'softmax')
 DTYPES = ('float32', 'bfloat16')
 MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
 PRECISIONS = ('bf16', 'fp8')
+KERNELS = ('auto', 'pallas', 'xla')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,10 @@ class ModelConfig:
   # shared-expert and dense FFN matmul in E4M3 with 1x128 / 128x128 scaling (V3 §3.3); the
   # embedding, output head, router, norms and attention core keep the activation dtype.
   precision: str = 'bf16'
+  # Pallas kernels (`kernels/`), one switch each: 'pallas' always (interpret mode on CPU),
+  # 'xla' never (the plain-jnp paths), 'auto' where the backend and shapes fit (GPU, TPU).
+  mla_decode_kernel: str = 'auto'            # absorbed attention over the latent cache (decode)
+  fp8_matmul_kernel: str = 'auto'            # the block-scaled FP8 GEMM under precision='fp8'
 
   def __post_init__(self):
     _validate(self)
@@ -138,6 +143,9 @@ def _validate(c: ModelConfig) -> None:
     _fail('moe_matmul', c.moe_matmul, f'must be one of {MOE_MATMULS}')
   if c.precision not in PRECISIONS:
     _fail('precision', c.precision, f'must be one of {PRECISIONS}')
+  for name in ('mla_decode_kernel', 'fp8_matmul_kernel'):
+    if getattr(c, name) not in KERNELS:
+      _fail(name, getattr(c, name), f'must be one of {KERNELS}')
   if c.precision == 'fp8' and c.moe_matmul == 'ragged_dot':
     _fail('moe_matmul', c.moe_matmul,
           "has no FP8 form; with precision='fp8' use 'blocked' or 'auto'")

@@ -18,6 +18,10 @@ has been read, so a donated cache is updated in place. Both functions take the m
 module as it is: `project_query` and `compress_kv` give the new tokens' query and latent, the
 weights are read as arrays. Letters beyond DESIGN.md's: Y the new tokens as keys (Y = T),
 Z = T x N, J = H + R.
+
+`ModelConfig.mla_decode_kernel` picks how the absorbed scores and output are computed: 'xla'
+(the einsums below), 'pallas' (`kernels/mla_decode.py`, which reads the cache after the new
+entries are written, FlashMLA's convention), or 'auto' (the kernel on a GPU for T <= 2).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.inference.cache import LatentLayer, NaiveLayer
+from kernels import mla_decode
 from deepseek_jax.layers import rope
 from deepseek_jax.layers.mla import MLA, masked_softmax
 
@@ -105,6 +110,8 @@ def absorbed(attn: MLA, x: jax.Array, positions: jax.Array, layer: LatentLayer,
   B, T, N, _ = q_nope.shape
   S = c_kv.shape[1]
   q_lat = jnp.einsum('BTNH,NCH->BTNC', q_nope, w_uk.astype(dt))
+  if mla_decode.use_kernel(attn.cfg.mla_decode_kernel, T, c_kv.shape[-1], k_rope.shape[-1]):
+    return _absorbed_kernel(attn, q_lat, q_rope, c_new, k_rope_new, positions, layer, w_uv)
   # The products over the cache are two plain GEMMs per sequence, with the new tokens' heads as
   # one dimension Z = T x N and the scores S-major (on XLA:CPU about 2x faster than the same
   # einsums with T and N apart, or with S minor, at S = 8192); the softmax sees them transposed.
@@ -123,6 +130,22 @@ def absorbed(attn: MLA, x: jax.Array, positions: jax.Array, layer: LatentLayer,
   # Written after the cache was read (`after`): the donated buffer is updated in place.
   return out, LatentLayer(write(layer.c_kv, after(c_new, o_lat), positions, 1),
                           write(layer.k_rope, after(k_rope_new, o_lat), positions, 1))
+
+
+def _absorbed_kernel(attn: MLA, q_lat, q_rope, c_new, k_rope_new, positions, layer: LatentLayer,
+                     w_uv) -> tuple[jax.Array, LatentLayer]:
+  """`absorbed` through the Pallas kernel (`kernels/mla_decode.py`): the new tokens' entries are
+  written first, and the kernel reads them with the cache under FlashMLA's length convention
+  (lengths include the T new tokens; query t sees the first lengths - (T - 1 - t) slots)."""
+  dt = q_lat.dtype
+  c_kv = write(layer.c_kv, c_new, positions, 1)
+  k_rope = write(layer.k_rope, k_rope_new, positions, 1)
+  lengths = positions[:, 0] + positions.shape[1]
+  o_lat, _ = mla_decode.mla_decode(q_lat, q_rope.astype(dt), c_kv.astype(dt), k_rope.astype(dt),
+                                   lengths, rope.softmax_scale(attn.cfg))
+  o = jnp.einsum('BTNC,NCU->BTNU', o_lat, w_uv.astype(dt))
+  out = jnp.einsum('BTNU,NUD->BTD', o, attn.w_o[...].astype(dt))
+  return out, LatentLayer(c_kv, k_rope)
 
 
 def naive(attn: MLA, x: jax.Array, positions: jax.Array,
