@@ -20,6 +20,10 @@ Pallas' Triton kernels), so nothing beyond `lengths[b]` is read on a GPU. Triton
 power-of-two tile shapes and dot dimensions of at least 16: `check` enforces that for C and R
 under the 'pallas' switch on every backend, so the CPU tests exercise what a GPU would run.
 
+Paged cache (`block_table`, vLLM / FlashMLA style, page size 64 by default): the caches are
+pools of pages and a block table per sequence lists its pages; the loop step is one page, read
+through the table, and everything else is the same kernel.
+
 What ran: interpret mode on CPU only (tests/test_kernels_mla.py, the decode tests). No session
 has had a GPU yet, so the Triton lowering and its speed are untested (`bench_kernels`).
 """
@@ -65,20 +69,35 @@ def use_kernel(choice: str, num_queries: int, num_latent: int, num_rope: int) ->
 
 
 def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
-               lengths: jax.Array, scale: float, *, block_rows: int = 64, block_s: int = 64,
-               num_splits: int | None = None, interpret: bool | None = None
-               ) -> tuple[jax.Array, jax.Array]:
+               lengths: jax.Array, scale: float, *, block_table: jax.Array | None = None,
+               block_rows: int = 64, block_s: int = 64, num_splits: int | None = None,
+               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (o [B, Tq, N, C] in q_latent's dtype, lse [B, Tq, N] float32); see the module docstring.
 
+  block_table: a paged cache. c_kv [P, page, C] and k_rope [P, page, R] are then pools of P pages
+  and block_table [B, pages] int32 lists each sequence's pages in order (slot s of sequence b is
+  row s % page of page block_table[b, s // page]); entries past a sequence's length are never
+  read. The page size is the loop step (block_s is ignored).
   block_rows: query rows (Tq x N, padded) per tile; block_s: cache slots per loop step;
   num_splits: chunks of the cache per sequence (default: enough programs to fill ~256 slots of
   a GPU). interpret: Pallas interpret mode; default on CPU only.
   """
   B, Tq, N, C = q_latent.shape
-  S, R = c_kv.shape[1], k_rope.shape[2]
-  if q_rope.shape != (B, Tq, N, R) or c_kv.shape != (B, S, C) or k_rope.shape != (B, S, R):
+  R = k_rope.shape[-1]
+  if block_table is None:
+    S = c_kv.shape[1]
+    expected = ((B, S, C), (B, S, R))
+  else:
+    if block_table.ndim != 2 or block_table.shape[0] != B:
+      raise ValueError(f'mla_decode: block_table {block_table.shape} must be [B, pages] with '
+                       f'B = {B}')
+    P, block_s = c_kv.shape[:2]
+    S = block_table.shape[1] * block_s
+    expected = ((P, block_s, C), (P, block_s, R))
+  if q_rope.shape != (B, Tq, N, R) or (c_kv.shape, k_rope.shape) != expected:
     raise ValueError(f'mla_decode: shapes do not agree: q_latent {q_latent.shape}, q_rope '
-                     f'{q_rope.shape}, c_kv {c_kv.shape}, k_rope {k_rope.shape}')
+                     f'{q_rope.shape}, c_kv {c_kv.shape}, k_rope {k_rope.shape}'
+                     + ('' if block_table is None else f', block_table {block_table.shape}'))
   if lengths.shape != (B,):
     raise ValueError(f'mla_decode: lengths {lengths.shape} must be [B] = ({B},)')
   check(C, R)
@@ -91,15 +110,28 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   if num_splits is None:
     num_splits = max(1, min(s_blocks, pl.cdiv(256, B * row_blocks)))
   num_splits = max(1, min(num_splits, s_blocks))
-  chunk = pl.cdiv(s_blocks, num_splits) * block_s
+  steps_per_split = pl.cdiv(s_blocks, num_splits)
+  chunk = steps_per_split * block_s
   q = _pad_axis(q_latent.reshape(B, Z, C), 1, row_blocks * block_rows)
   qr = _pad_axis(q_rope.reshape(B, Z, R), 1, row_blocks * block_rows)
-  # A cache allocated at a multiple of num_splits x block_s slots is used as it is; otherwise
-  # this pads (a copy of the cache: allocate aligned caches on a GPU).
-  c_kv = _pad_axis(c_kv, 1, num_splits * chunk)
-  k_rope = _pad_axis(k_rope, 1, num_splits * chunk)
+  if block_table is None:
+    # A cache allocated at a multiple of num_splits x block_s slots is used as it is; otherwise
+    # this pads (a copy of the cache: allocate aligned caches on a GPU).
+    c_kv = _pad_axis(c_kv, 1, num_splits * chunk)
+    k_rope = _pad_axis(k_rope, 1, num_splits * chunk)
+    cache_specs = [pl.BlockSpec((None, chunk, C), lambda b, r, j: (b, j, 0)),  # c_kv chunk
+                   pl.BlockSpec((None, chunk, R), lambda b, r, j: (b, j, 0))]  # k_rope chunk
+    cache_args = (c_kv, k_rope)
+  else:
+    # the whole pool is visible to every program, which reads only the pages its chunk of the
+    # block table names
+    table = _pad_axis(block_table.astype(jnp.int32), 1, num_splits * steps_per_split)
+    cache_specs = [pl.BlockSpec(c_kv.shape, lambda b, r, j: (0, 0, 0)),
+                   pl.BlockSpec(k_rope.shape, lambda b, r, j: (0, 0, 0)),
+                   pl.BlockSpec((None, steps_per_split), lambda b, r, j: (b, j))]
+    cache_args = (c_kv, k_rope, table)
   kernel = functools.partial(_kernel, scale=scale, num_queries=Tq, num_heads=N, block_s=block_s,
-                             chunk=chunk)
+                             chunk=chunk, paged=block_table is not None)
   o, lse = pl.pallas_call(
       kernel,
       grid=(B, row_blocks, num_splits),
@@ -107,9 +139,7 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
           pl.BlockSpec((1,), lambda b, r, j: (b,)),                       # lengths
           pl.BlockSpec((None, block_rows, C), lambda b, r, j: (b, r, 0)),  # q_latent rows
           pl.BlockSpec((None, block_rows, R), lambda b, r, j: (b, r, 0)),  # q_rope rows
-          pl.BlockSpec((None, chunk, C), lambda b, r, j: (b, j, 0)),       # c_kv chunk
-          pl.BlockSpec((None, chunk, R), lambda b, r, j: (b, j, 0)),       # k_rope chunk
-      ],
+      ] + cache_specs,
       out_specs=[
           pl.BlockSpec((None, None, block_rows, C), lambda b, r, j: (b, j, r, 0)),
           pl.BlockSpec((None, None, block_rows), lambda b, r, j: (b, j, r)),
@@ -120,14 +150,17 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
       ],
       interpret=interpret,
       name='mla_decode',
-  )(lengths.astype(jnp.int32), q, qr, c_kv, k_rope)
+  )(lengths.astype(jnp.int32), q, qr, *cache_args)
   o, lse = combine(o, lse)  # [B, Zp, C], [B, Zp]
   return (o[:, :Z].reshape(B, Tq, N, C).astype(q_latent.dtype), lse[:, :Z].reshape(B, Tq, N))
 
 
-def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref, *, scale: float,
-            num_queries: int, num_heads: int, block_s: int, chunk: int):
-  """One (sequence, row block, chunk): q [rows, C], qr [rows, R] over c [chunk, C], kr [chunk, R]."""
+def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, *refs, scale: float, num_queries: int,
+            num_heads: int, block_s: int, chunk: int, paged: bool):
+  """One (sequence, row block, chunk): q [rows, C], qr [rows, R] over the chunk's slots, from
+  c [chunk, C], kr [chunk, R], or, paged, from the pools [P, page, C], [P, page, R] through the
+  chunk's block-table entries table [chunk / page]."""
+  table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
   rows = q_ref.shape[0]
   length = lengths_ref[0]
   row = pl.program_id(1) * rows + jnp.arange(rows, dtype=jnp.int32)
@@ -139,8 +172,12 @@ def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref, *, scale:
 
   def step(i, carry):
     acc, m, l = carry
-    slots = pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
-    c, kr = c_ref[slots, :], kr_ref[slots, :]  # [block_s, C], [block_s, R]
+    if paged:
+      page = table_ref[i]
+      c, kr = c_ref[page], kr_ref[page]  # [page, C], [page, R]
+    else:
+      slots = pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
+      c, kr = c_ref[slots, :], kr_ref[slots, :]  # [block_s, C], [block_s, R]
     s = (jnp.dot(q, c.T, preferred_element_type=jnp.float32)
          + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32)) * scale  # [rows, block_s]
     slot = start + i * block_s + jnp.arange(block_s, dtype=jnp.int32)

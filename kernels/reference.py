@@ -47,6 +47,13 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   return o.astype(q_latent.dtype), lse
 
 
+def gather_pages(pool: jax.Array, block_table: jax.Array) -> jax.Array:
+  """A paged cache made contiguous: pool [P, page, X], block_table [B, pages] -> [B, pages x
+  page, X], slot s of sequence b from row s % page of page block_table[b, s // page]."""
+  B, pages = block_table.shape
+  return pool[block_table].reshape(B, pages * pool.shape[1], pool.shape[2])
+
+
 def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
                b_scales: jax.Array, out_dtype=jnp.float32) -> jax.Array:
   """E4M3 a [M, K] with 1x128 scales [M, K/128] . E4M3 b [K, N] with 128x128 scales

@@ -1,7 +1,7 @@
 """The latent-attention decode kernel (`kernels/mla_decode.py`, Pallas interpret mode on CPU)
 against `kernels/reference.py` and a float64 numpy computation of the same attention: lengths 0,
 1 and not multiples of the block, Tq = 2 causal under FlashMLA's length convention, caches that
-are not a multiple of the block, several splits of the cache; and decoding with the kernel gives
+are not a multiple of the block, several splits of the cache, a paged cache; and decoding with the kernel gives
 the same greedy tokens as the XLA path, and the same logits for a prefill and a Tq = 2 step."""
 
 import numpy as np
@@ -90,6 +90,28 @@ def test_bfloat16_within_2e_2_of_the_reference():
   lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
   np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))  # lengths 1 with Tq 2
   assert rel_err(lse[np.isfinite(lse)], ref_lse[np.isfinite(lse)]) <= 2e-2
+
+
+@pytest.mark.parametrize('T,splits', [(1, 1), (2, 3)])
+def test_paged_cache_equals_the_contiguous_reference(T, splits):
+  """Pages of 64 slots scattered over a pool in random order, read through the block table."""
+  rng = np.random.default_rng(4)
+  B, N, C, R, page, pages, pool = 3, 4, 32, 16, 64, 4, 16
+  ql, qr, _, _ = inputs(B, T, N, C, R, 1, jnp.float32, seed=5)
+  c_pool = jnp.asarray(rng.standard_normal((pool, page, C)), jnp.float32)
+  k_pool = jnp.asarray(rng.standard_normal((pool, page, R)), jnp.float32)
+  table = jnp.asarray(rng.permutation(pool)[:B * pages].reshape(B, pages), jnp.int32)
+  lengths = jnp.asarray([0, 65, 250], jnp.int32)
+  o, lse = kernel.mla_decode(ql, qr, c_pool, k_pool, lengths, SCALE, block_table=table,
+                             num_splits=splits)
+  c_kv, k_rope = reference.gather_pages(c_pool, table), reference.gather_pages(k_pool, table)
+  np_o, np_lse = numpy_mla(ql, qr, c_kv, k_rope, lengths)
+  assert rel_err(o, np_o) <= 1e-5
+  finite = np.isfinite(np_lse)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], np_lse[finite], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'block_table \(2, 4\) must be \[B, pages\] with B = 3'):
+    kernel.mla_decode(ql, qr, c_pool, k_pool, lengths, SCALE, block_table=table[:2])
 
 
 def test_tq2_is_causal_inside_the_new_tokens():
