@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 KERNEL_CHOICES = ('auto', 'pallas', 'xla')
+BLOCK_S = 64  # cache slots per loop step (FlashMLA's block); caches for the kernel align to it
 MAX_AUTO_QUERIES = 2  # 'auto' runs the kernel for decode (Tq = 1) and MTP verify (Tq = 2) only
 
 
@@ -70,7 +71,7 @@ def use_kernel(choice: str, num_queries: int, num_latent: int, num_rope: int) ->
 
 def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
                lengths: jax.Array, scale: float, *, block_table: jax.Array | None = None,
-               block_rows: int = 64, block_s: int = 64, num_splits: int | None = None,
+               block_rows: int = 64, block_s: int = BLOCK_S, num_splits: int | None = None,
                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (o [B, Tq, N, C] in q_latent's dtype, lse [B, Tq, N] float32); see the module docstring.
 
@@ -107,16 +108,17 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   block_rows = min(block_rows, max(16, pl.next_power_of_2(Z)))
   row_blocks = pl.cdiv(Z, block_rows)
   s_blocks = pl.cdiv(S, block_s)
-  if num_splits is None:
-    num_splits = max(1, min(s_blocks, pl.cdiv(256, B * row_blocks)))
+  if num_splits is None:  # ~256 programs, in chunks that divide the cache (no padding below)
+    target = max(1, min(s_blocks, pl.cdiv(256, B * row_blocks)))
+    num_splits = max(d for d in range(1, target + 1) if s_blocks % d == 0)
   num_splits = max(1, min(num_splits, s_blocks))
   steps_per_split = pl.cdiv(s_blocks, num_splits)
   chunk = steps_per_split * block_s
   q = _pad_axis(q_latent.reshape(B, Z, C), 1, row_blocks * block_rows)
   qr = _pad_axis(q_rope.reshape(B, Z, R), 1, row_blocks * block_rows)
   if block_table is None:
-    # A cache allocated at a multiple of num_splits x block_s slots is used as it is; otherwise
-    # this pads (a copy of the cache: allocate aligned caches on a GPU).
+    # A cache of a multiple of block_s slots (as `inference.cache.init` allocates them for the
+    # kernel) is used as it is; otherwise this pads, a copy of the whole cache.
     c_kv = _pad_axis(c_kv, 1, num_splits * chunk)
     k_rope = _pad_axis(k_rope, 1, num_splits * chunk)
     cache_specs = [pl.BlockSpec((None, chunk, C), lambda b, r, j: (b, j, 0)),  # c_kv chunk

@@ -162,6 +162,9 @@ def test_greedy_decoding_with_the_kernel_gives_the_xla_tokens(tiny_models):
   got = decode.generate(pallas, PROMPTS, 12)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert len(set(want.tokens.reshape(-1).tolist())) > 3  # not a degenerate model
+  # the kernel's caches are allocated at a multiple of its 64-slot step, so it never pads them
+  assert cache_lib.init(pallas.cfg, 3, 100).c_kv[0].shape == (3, 128, 32)
+  assert cache_lib.init(xla.cfg, 3, 100).c_kv[0].shape == (3, 100, 32)
 
 
 def cached_logits(model, prompts, new_tokens):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from deepseek_jax.config import ModelConfig
+from kernels import mla_decode
 
 MODES = ('absorbed', 'naive')  # absorbed: LatentCache + weight absorption; naive: NaiveCache
 
@@ -68,11 +69,16 @@ Cache = LatentCache | NaiveCache
 
 def init(cfg: ModelConfig, batch: int, max_len: int, mode: str = 'absorbed',
          num_layers: int | None = None, dtype: str | None = None) -> Cache:
-  """An empty cache of `num_layers` (default: the main model's) in the activation dtype."""
+  """An empty cache of `num_layers` (default: the main model's) in the activation dtype, with
+  max_len rounded up to a multiple of 64 slots where the decode kernel will read it (so the
+  kernel never pads, i.e. copies, the cache)."""
   if mode not in MODES:
     raise ValueError(f'cache mode {mode!r}: must be one of {MODES}')
   if max_len < 1:
     raise ValueError(f'max_len={max_len}: the cache needs at least one slot')
+  if mode == 'absorbed' and mla_decode.use_kernel(cfg.mla_decode_kernel, 1, cfg.kv_lora_rank,
+                                                   cfg.qk_rope_head_dim):
+    max_len = -(-max_len // mla_decode.BLOCK_S) * mla_decode.BLOCK_S  # the kernel's step
   L = cfg.num_layers if num_layers is None else num_layers
   dt = jnp.dtype(dtype or cfg.dtype)
   B, S, N = batch, max_len, cfg.num_heads
