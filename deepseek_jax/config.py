@@ -61,7 +61,8 @@ class ModelConfig:
   # embedding, output head, router, norms and attention core keep the activation dtype.
   precision: str = 'bf16'
   # Pallas kernels (`kernels/`), one switch each: 'pallas' always (interpret mode on CPU),
-  # 'xla' never (the plain-jnp paths), 'auto' where the backend and shapes fit (GPU, TPU).
+  # 'xla' never (the XLA paths), 'auto' where the backend and shapes fit: a GPU (FP8: compute
+  # capability >= 8.9); TPU stays on XLA until the kernels have run there (written for Triton).
   mla_decode_kernel: str = 'auto'            # absorbed attention over the latent cache (decode)
   fp8_matmul_kernel: str = 'auto'            # the block-scaled FP8 GEMM under precision='fp8'
 

@@ -23,7 +23,10 @@ Implementations behind `scaled_matmul(impl=...)` (see `_dispatch`), one signatur
   one FP32 rounding, so it differs from 'jnp' only by FP32 rounding and summation order (tested).
   CPUs have no FP8 units (XLA converts FP8 operands to FP32 anyway), so 'auto' picks it there:
   one GEMM instead of K/128 small ones.
-A Pallas kernel (GPU/TPU) plugs in the same way.
+- 'pallas': `kernels/fp8_matmul.py`, the same per-block sum as one Pallas kernel (interpret mode
+  on CPU). It takes x scales per row and w scales per column of each K block, which every layout
+  here becomes after `_per_line`. 'auto' never picks it; the model's `fp8_matmul_kernel` switch
+  does, through `kernel_impl`.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.config import KERNELS  # the values of ModelConfig.fp8_matmul_kernel
 from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_blocks, quantize)
 
 BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
 ACCUMULATE = ('float32', 'bfloat16')
-IMPLS = ('auto', 'jnp', 'dequant')
+IMPLS = ('auto', 'jnp', 'dequant', 'pallas')
+MIN_FP8_COMPUTE_CAPABILITY = 8.9  # Ada / Hopper: the first GPUs with FP8 tensor cores
 
 
 def scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
@@ -98,6 +103,29 @@ def expert_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
   return jax.vmap(functools.partial(linear, pow2_scale=pow2_scale, impl=impl))(x, w)
 
 
+def kernel_impl(kernel: str) -> str:
+  """The `impl` for the model's `fp8_matmul_kernel` switch: 'xla' -> 'auto' (the XLA GEMMs),
+  'pallas' -> the kernel, 'auto' -> the kernel on GPUs with FP8 tensor cores, else 'auto'."""
+  if kernel == 'xla':
+    return 'auto'
+  if kernel == 'pallas':
+    return 'pallas'
+  if kernel == 'auto':
+    return 'pallas' if _has_fp8_gpu() else 'auto'
+  raise ValueError(f'fp8 kernel {kernel!r}, expected one of {KERNELS}')
+
+
+def _has_fp8_gpu() -> bool:
+  """A CUDA device of compute capability >= 8.9 (the kernel lowers through Pallas Triton)."""
+  if jax.default_backend() != 'gpu':
+    return False
+  capability = getattr(jax.devices()[0], 'compute_capability', None)  # e.g. '9.0'; None on ROCm
+  try:
+    return float(capability) >= MIN_FP8_COMPUTE_CAPABILITY
+  except (TypeError, ValueError):
+    return False
+
+
 # ---- the custom VJP ------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -137,6 +165,8 @@ def _dispatch(impl: str):
     return _scaled_matmul_jnp
   if impl == 'dequant':
     return _scaled_matmul_dequant
+  if impl == 'pallas':
+    return _scaled_matmul_pallas
   raise ValueError(f'scaled_matmul: impl={impl!r}, expected one of {IMPLS}')
 
 
@@ -148,6 +178,14 @@ def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
   x = x_values.astype(jnp.float32) * _per_line(x_scales, K, axis=1)  # a scale per K element
   w = w_values.astype(jnp.float32) * _per_line(w_scales, K, axis=0)
   return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _scaled_matmul_pallas(x_values, x_scales, w_values, w_scales, accumulate):
+  """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of a K block)."""
+  if accumulate != 'float32':  # the kernel keeps its running sum in FP32 only
+    return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
+  from kernels import fp8_matmul  # here, not at the top: kernels/ imports this module
+  return fp8_matmul.fp8_matmul(x_values, x_scales, w_values, w_scales)
 
 
 def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):

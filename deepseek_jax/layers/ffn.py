@@ -9,18 +9,20 @@ from deepseek_jax.layers import linear, param
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           precision: str = 'bf16') -> jax.Array:
-  gate = linear.linear(x, w_gate, precision=precision)
-  up = linear.linear(x, w_up, precision=precision)
-  return linear.linear(jax.nn.silu(gate) * up, w_down, precision=precision)
+           precision: str = 'bf16', fp8_kernel: str = 'auto') -> jax.Array:
+  gate = linear.linear(x, w_gate, precision=precision, fp8_kernel=fp8_kernel)
+  up = linear.linear(x, w_up, precision=precision, fp8_kernel=fp8_kernel)
+  return linear.linear(jax.nn.silu(gate) * up, w_down, precision=precision,
+                       fp8_kernel=fp8_kernel)
 
 
 class SwiGLU(nnx.Module):
 
   def __init__(self, hidden_size: int, intermediate_size: int, std: float, rngs: nnx.Rngs,
-               precision: str = 'bf16'):
+               precision: str = 'bf16', fp8_kernel: str = 'auto'):
     D, F = hidden_size, intermediate_size
     self.precision = precision
+    self.fp8_kernel = fp8_kernel
     self.w_gate = param.normal(rngs, (D, F), ('embed', 'mlp'), std)
     self.w_up = param.normal(rngs, (D, F), ('embed', 'mlp'), std)
     self.w_down = param.normal(rngs, (F, D), ('mlp', 'embed'), std)
@@ -28,4 +30,4 @@ class SwiGLU(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
     return swiglu(x, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                  self.w_down[...].astype(dt), self.precision)
+                  self.w_down[...].astype(dt), self.precision, self.fp8_kernel)

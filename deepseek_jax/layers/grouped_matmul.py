@@ -17,11 +17,13 @@ BLOCK_ROWS = 128  # measured on the tiny config: 32 rows took 1.4x longer, 1024 
 
 
 def expert_swiglu(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                  w_down: jax.Array, impl: str = 'auto', precision: str = 'bf16') -> jax.Array:
+                  w_down: jax.Array, impl: str = 'auto', precision: str = 'bf16',
+                  fp8_kernel: str = 'auto') -> jax.Array:
   """x [M, D] sorted by expert, group_sizes [E] summing to M, w_gate/w_up [E, D, F],
   w_down [E, F, D] -> [M, D], row m passed through the SwiGLU of its expert.
 
-  precision='fp8' runs the blocked form with FP8 block-scaled GEMMs (ragged_dot has no FP8 form).
+  precision='fp8' runs the blocked form with FP8 block-scaled GEMMs (ragged_dot has no FP8 form),
+  run by `fp8_kernel` (see `linear.linear`).
   """
   if impl == 'auto':
     impl = 'blocked' if jax.default_backend() == 'cpu' or precision == 'fp8' else 'ragged_dot'
@@ -30,7 +32,8 @@ def expert_swiglu(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up:
       raise ValueError("expert_swiglu: precision='fp8' needs impl='blocked' (or 'auto')")
     return _ragged_dot_swiglu(x, group_sizes, w_gate, w_up, w_down)
   if impl == 'blocked':
-    return _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, precision=precision)
+    return _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, precision=precision,
+                           fp8_kernel=fp8_kernel)
   raise ValueError(f"expert_swiglu: impl={impl!r}, expected 'auto', 'ragged_dot' or 'blocked'")
 
 
@@ -41,7 +44,7 @@ def _ragged_dot_swiglu(x, group_sizes, w_gate, w_up, w_down):
 
 
 def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROWS,
-                    precision: str = 'bf16'):
+                    precision: str = 'bf16', fp8_kernel: str = 'auto'):
   M, D = x.shape
   E = group_sizes.shape[0]
   block = max(1, min(block, M))
@@ -63,7 +66,8 @@ def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROW
   block_expert = padded_expert[::block]
 
   def expert_matmul(rows, w):  # 'nbD,nDF->nbF' with each block's expert weights
-    return linear.batched_linear(rows, _block_weights(w, block_expert), precision=precision)
+    return linear.batched_linear(rows, _block_weights(w, block_expert), precision=precision,
+                                 fp8_kernel=fp8_kernel)
 
   gate = expert_matmul(x_blocks, w_gate)
   up = expert_matmul(x_blocks, w_up)

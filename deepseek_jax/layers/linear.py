@@ -19,23 +19,26 @@ import jax.numpy as jnp
 from deepseek_jax import fp8
 
 
-def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16') -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
+           fp8_kernel: str = 'auto') -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N], computed in x's dtype (accumulated in `out_dtype`), or
   with precision='fp8' as the block-scaled FP8 GEMMs of `deepseek_jax.fp8` (forward and both
-  gradients)."""
+  gradients), run by `fp8_kernel` ('auto', 'pallas' or 'xla', see `fp8.matmul.kernel_impl`)."""
   K, N = w.shape
   if precision == 'fp8':
-    return fp8.linear(x, w).astype(out_dtype or x.dtype)
+    impl = fp8.matmul.kernel_impl(fp8_kernel)
+    return fp8.linear(x, w, impl=impl).astype(out_dtype or x.dtype)
   rows = x.reshape(1, -1, K)
   out = batched_linear(rows, w.astype(x.dtype)[None], out_dtype)
   return out.reshape(x.shape[:-1] + (N,))
 
 
-def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None,
-                   precision: str = 'bf16') -> jax.Array:
+def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
+                   fp8_kernel: str = 'auto') -> jax.Array:
   """x [G, M, K] @ w [G, K, N] -> [G, M, N] (one product per group G)."""
   if precision == 'fp8':
-    return fp8.expert_linear(x, w.astype(x.dtype)).astype(out_dtype or x.dtype)
+    impl = fp8.matmul.kernel_impl(fp8_kernel)
+    return fp8.expert_linear(x, w.astype(x.dtype), impl=impl).astype(out_dtype or x.dtype)
   return _batched_linear(x, w, out_dtype)
 
 

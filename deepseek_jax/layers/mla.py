@@ -54,40 +54,45 @@ class MLA(nnx.Module):
     if self.cfg.q_lora_rank is None:
       source, w_nope, w_rope = x, self.w_q, self.w_qr
     else:
-      source = self.q_norm(linear.linear(x, self.w_dq[...], precision=self.cfg.precision))
+      source = self.q_norm(_linear(x, self.w_dq[...], self.cfg))
       w_nope, w_rope = self.w_uq, self.w_qr
-    q_nope = _heads_linear(source, w_nope[...], self.cfg.precision)
-    q_rope = _heads_linear(source, w_rope[...], self.cfg.precision)
+    q_nope = _heads_linear(source, w_nope[...], self.cfg)
+    q_rope = _heads_linear(source, w_rope[...], self.cfg)
     return q_nope, rope.apply_rope(q_rope, positions, self.cfg)
 
   def compress_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, S, D] -> c_KV [B, S, C] (normed) and k_rope [B, S, R] (rotated): the latent cache."""
-    c_kv = self.kv_norm(linear.linear(x, self.w_dkv[...], precision=self.cfg.precision))
-    k_rope = linear.linear(x, self.w_kr[...], precision=self.cfg.precision)
+    c_kv = self.kv_norm(_linear(x, self.w_dkv[...], self.cfg))
+    k_rope = _linear(x, self.w_kr[...], self.cfg)
     return c_kv, rope.apply_rope(k_rope, positions, self.cfg)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention over x [B, T, D]; `segment_ids` [B, T] keep packed documents apart."""
-    N, precision = self.cfg.num_heads, self.cfg.precision
+    N = self.cfg.num_heads
     q_nope, q_rope = self.project_query(x, positions)
     c_kv, k_rope = self.compress_kv(x, positions)
     # One dot per score: [q_nope; q_rope].[k_nope; k_rope], the rope key repeated for every head.
     q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, N, T, H+R]
-    k_nope = _heads_linear(c_kv, self.w_uk[...], precision).transpose(0, 2, 1, 3)  # [B, N, S, H]
+    k_nope = _heads_linear(c_kv, self.w_uk[...], self.cfg).transpose(0, 2, 1, 3)  # [B, N, S, H]
     k_rope = jnp.broadcast_to(k_rope[:, None], (k_rope.shape[0], N) + k_rope.shape[1:])
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                       # [B, N, S, H+R]
-    v = _heads_linear(c_kv, self.w_uv[...], precision).transpose(0, 2, 1, 3)       # [B, N, S, U]
+    v = _heads_linear(c_kv, self.w_uv[...], self.cfg).transpose(0, 2, 1, 3)       # [B, N, S, U]
     o = attend(q, k, v, causal_mask(positions, segment_ids), rope.softmax_scale(self.cfg))
     B, _, T, U = o.shape
     o = o.transpose(0, 2, 1, 3).reshape(B, T, N * U)
-    return linear.linear(o, self.w_o[...].reshape(N * U, -1), precision=precision)
+    return _linear(o, self.w_o[...].reshape(N * U, -1), self.cfg)
 
 
-def _heads_linear(x: jax.Array, w: jax.Array, precision: str) -> jax.Array:
+def _linear(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N] in the config's precision (and FP8 kernel)."""
+  return linear.linear(x, w, precision=cfg.precision, fp8_kernel=cfg.fp8_matmul_kernel)
+
+
+def _heads_linear(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
   """x [B, T, Q] with w [Q, N, H] -> [B, T, N, H] (the einsum 'BTQ,QNH->BTNH' as one matmul)."""
   Q, N, H = w.shape
-  out = linear.linear(x, w.reshape(Q, N * H), precision=precision)
+  out = _linear(x, w.reshape(Q, N * H), cfg)
   return out.reshape(x.shape[:-1] + (N, H))
 
 

@@ -25,7 +25,7 @@ class MoEStats(typing.NamedTuple):
 
 def dispatch_combine(x: jax.Array, routing: router.Routing, group_sizes: jax.Array,
                      w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, impl: str,
-                     precision: str = 'bf16') -> jax.Array:
+                     precision: str = 'bf16', fp8_kernel: str = 'auto') -> jax.Array:
   """x [T, D] -> sum_k gates[t, k] * FFN_{experts[t, k]}(x[t]), [T, D].
 
   `group_sizes` [E] is `router.expert_load(routing.experts, E)`: rows per expert once sorted.
@@ -35,7 +35,8 @@ def dispatch_combine(x: jax.Array, routing: router.Routing, group_sizes: jax.Arr
   inverse = jnp.argsort(order)                                        # pair -> sorted row
   pairs = jnp.broadcast_to(x[:, None, :], (T, K, x.shape[-1])).reshape(T * K, -1)
   rows = grouped_matmul.expert_swiglu(grouped_matmul.take_rows(pairs, order, inverse),
-                                      group_sizes, w_gate, w_up, w_down, impl, precision)
+                                      group_sizes, w_gate, w_up, w_down, impl, precision,
+                                      fp8_kernel)
   per_slot = grouped_matmul.take_rows(rows, inverse, order).reshape(T, K, -1)  # [T, K, D]
   return jnp.einsum('TKD,TK->TD', per_slot, routing.gates.astype(x.dtype))
 
@@ -51,8 +52,8 @@ class MoE(nnx.Module):
     self.w_gate = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
     self.w_up = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
     self.w_down = param.normal(rngs, (E, F, D), ('expert', 'mlp', 'embed'), std)
-    self.shared_experts = (SwiGLU(D, F * cfg.n_shared_experts, std, rngs, cfg.precision)
-                           if cfg.n_shared_experts else None)
+    self.shared_experts = (SwiGLU(D, F * cfg.n_shared_experts, std, rngs, cfg.precision,
+                                  cfg.fp8_matmul_kernel) if cfg.n_shared_experts else None)
 
   def __call__(self, u: jax.Array) -> tuple[jax.Array, MoEStats]:
     """u [B, T, D] -> (routed + shared expert output [B, T, D], statistics)."""
@@ -64,7 +65,8 @@ class MoE(nnx.Module):
     load = router.expert_load(routing.experts, self.cfg.n_routed_experts)
     out = dispatch_combine(tokens, routing, load, self.w_gate[...].astype(dt),
                            self.w_up[...].astype(dt), self.w_down[...].astype(dt),
-                           self.cfg.moe_matmul, self.cfg.precision).reshape(B, T, D)
+                           self.cfg.moe_matmul, self.cfg.precision,
+                           self.cfg.fp8_matmul_kernel).reshape(B, T, D)
     if self.shared_experts is not None:
       out = out + self.shared_experts(u)
     stats = MoEStats(load, router.sequence_balance_loss(routing, B, self.cfg))
