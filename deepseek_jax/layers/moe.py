@@ -3,6 +3,10 @@
 Dispatch sorts the T*K (token, expert) pairs by expert and runs each expert's SwiGLU on exactly
 its rows (`grouped_matmul.expert_swiglu`); combine scatters the rows back and sums them with the
 gates. No token is dropped and no expert computes on tokens it was not given.
+
+Under `jax.set_mesh(mesh)` with experts split over more than one device ('expert' x 'plane' > 1)
+the routed experts run expert-parallel (`deepseek_jax.expert_parallel.moe_ep`); the router, the
+shared experts and the statistics stay outside shard_map, auto-sharded by jit.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import expert_parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import grouped_matmul, param, router
 from deepseek_jax.layers.ffn import SwiGLU
@@ -63,10 +68,14 @@ class MoE(nnx.Module):
     bias = None if self.router_bias is None else self.router_bias[...]
     routing = router.route(tokens, self.router_kernel[...], bias, self.cfg)
     load = router.expert_load(routing.experts, self.cfg.n_routed_experts)
-    out = dispatch_combine(tokens, routing, load, self.w_gate[...].astype(dt),
-                           self.w_up[...].astype(dt), self.w_down[...].astype(dt),
-                           self.cfg.moe_matmul, self.cfg.precision,
-                           self.cfg.fp8_matmul_kernel).reshape(B, T, D)
+    weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+               self.w_down[...].astype(dt))
+    mesh = expert_parallel.ambient_mesh()
+    if mesh is not None:  # experts split over ('expert', 'plane'): hierarchical all-to-all
+      out = expert_parallel.moe_ep(u, routing.experts, routing.gates, *weights, mesh, self.cfg)
+    else:
+      out = dispatch_combine(tokens, routing, load, *weights, self.cfg.moe_matmul,
+                             self.cfg.precision, self.cfg.fp8_matmul_kernel).reshape(B, T, D)
     if self.shared_experts is not None:
       out = out + self.shared_experts(u)
     stats = MoEStats(load, router.sequence_balance_loss(routing, B, self.cfg))

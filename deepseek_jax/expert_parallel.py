@@ -1,0 +1,295 @@
+"""Expert-parallel MoE: hierarchical, plane-aware dispatch and combine (DESIGN.md, "Sharding and
+the multi-plane mesh").
+
+Tokens are split over ('data', 'expert', 'plane'); routed experts over ('expert', 'plane'), so
+device (x, p) of a node holds experts [(x P + p) E_loc, (x P + p + 1) E_loc) with E_loc = E/(X P).
+Groups map onto nodes (G % X == 0), so group-limited routing sends a token to at most
+min(topk_group, X) nodes. Inside `jax.shard_map`, per device with N local tokens:
+
+  hop 1  over 'expert' (inter-node, inside one plane): each token goes ONCE to each distinct node
+         among its experts' nodes, with its routing restricted to that node.   buffer [X, N, ...]
+  hop 2  over 'plane' (intra-node, NVLink): each received row goes once to each plane holding one
+         of its experts, with its routing restricted to that device.           buffer [P, X N, ...]
+  compute  the E_loc local experts on every (row, chosen local expert) pair: dropless grouped
+         matmul (`grouped_matmul.expert_swiglu`), times the gates, summed per row.
+  combine  hop 2 reversed (sum over planes), then hop 1 reversed (sum over nodes).
+
+Buffers are the proven worst case (a token reaches a node at most once, a device at most once per
+node), so nothing is dropped and no capacity factor exists. Collectives are `all_to_all`, which
+every backend has (XLA:CPU lacks `ragged_all_to_all`, which would send only the real rows; it is
+not used here). Slots are compacted per hop: a row carries min(K, E/X) slots after hop 1 and
+min(K, E_loc) after hop 2, which assumes a token's K experts are distinct (top-k guarantees it).
+
+Chunks. The worst case grows as X P N per device, so the N local tokens are dispatched in chunks
+of at most `chunk_tokens` (`DEFAULT_CHUNK_TOKENS`): hop 1 -> hop 2 -> compute -> combine runs
+per chunk, one chunk after another (`lax.map`), and every buffer above has the chunk's C tokens in
+place of N (the bound per chunk is proven as above; padding rows route nowhere). Each chunk is
+rematerialized (`jax.checkpoint`), so under autodiff only a chunk's inputs are kept for the
+backward pass, not its [P X C ..., D] buffers: the backward pass runs the dispatch and the
+expert forward once more. At DeepSeek-V3 training scale (X = P = 8, E_loc = 4, D = 7168,
+N = 4096, bf16) the (row, expert) pair buffer is P X N min(K, E_loc) = 1,048,576 rows = 15.0 GB;
+held as pairs, sorted pairs and expert output, plus the hop buffers, about 49 GB per MoE layer.
+With C = 1024: 262,144 pair rows = 3.8 GB, about 12.3 GB in all (`buffer_rows`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import grouped_matmul
+from deepseek_jax.sharding import BATCH, EXPERTS
+
+# Tokens per device per dispatch chunk. At V3 scale it cuts the transient buffers N / C = 4x (N =
+# 4096) while hop-1 messages stay ~15 MB per peer (bandwidth-bound, not latency-bound), a local
+# expert still gets ~2 C = 2048 real rows per chunk on average (full matmul tiles), and 4
+# sequential chunks add few collective latencies. Decoding (N <= 1024) runs as one chunk.
+# Memory-tight runs pass a smaller `chunk_tokens` (buffers scale linearly with it).
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def axis_size(mesh, name: str) -> int:
+  """Size of mesh axis `name`, 1 when the mesh has no such axis."""
+  return dict(mesh.shape).get(name, 1)
+
+
+def ambient_mesh():
+  """The mesh set by `jax.set_mesh` when it makes experts parallel (expert x plane > 1), else
+  None. Works inside `jax.jit` (an AbstractMesh) and outside it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or 'expert' not in mesh.axis_names:
+    return None
+  if axis_size(mesh, 'expert') * axis_size(mesh, 'plane') == 1:
+    return None
+  return mesh
+
+
+def check_sizes(mesh, cfg: ModelConfig, batch: int) -> None:
+  """ValueErrors naming the sizes when experts, groups or the batch cannot be split."""
+  X, P = axis_size(mesh, 'expert'), axis_size(mesh, 'plane')
+  shards = axis_size(mesh, 'data') * X * P
+  E, G = cfg.n_routed_experts, cfg.n_group
+  if E % (X * P):
+    raise ValueError(f'expert parallelism: n_routed_experts={E} is not divisible by expert x '
+                     f'plane = {X} x {P} = {X * P} devices')
+  if G % X:
+    raise ValueError(f'expert parallelism: n_group={G} is not divisible by the expert axis '
+                     f'({X} nodes): groups cannot map onto nodes')
+  if batch % shards:
+    raise ValueError(f'expert parallelism: batch B={batch} is not divisible by data x expert x '
+                     f'plane = {axis_size(mesh, "data")} x {X} x {P} = {shards}')
+
+
+def chunk_layout(local_tokens: int, chunk_tokens: int | None = None) -> tuple[int, int]:
+  """(chunks, tokens per chunk) for `local_tokens` tokens in chunks of at most `chunk_tokens`
+  (None: `DEFAULT_CHUNK_TOKENS`). Chunks are equal, so padding is under one token per chunk."""
+  limit = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+  if limit < 1:
+    raise ValueError(f'expert parallelism: chunk_tokens={chunk_tokens} must be at least 1')
+  chunks = -(-local_tokens // limit)
+  return chunks, -(-local_tokens // chunks)
+
+
+def moe_ep(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate: jax.Array,
+           w_up: jax.Array, w_down: jax.Array, mesh, cfg: ModelConfig, *,
+           chunk_tokens: int | None = None) -> jax.Array:
+  """x [B, T, D], experts [B*T, K] int32, gates [B*T, K], w_gate/w_up [E, D, F], w_down [E, F, D]
+  -> sum_k gates[t, k] * SwiGLU_{experts[t, k]}(x[t]) as [B, T, D], experts parallel over `mesh`.
+
+  The same value as `moe.dispatch_combine` on the unsharded inputs, up to float summation order.
+  Per device the N = B T / (data X P) tokens go in chunks of C <= `chunk_tokens` tokens
+  (`chunk_layout`; None: `DEFAULT_CHUNK_TOKENS`, or N when smaller), one after another, each
+  rematerialized under autodiff (even a single chunk: its backward pass keeps only the inputs and
+  runs the dispatch and the expert forward again). The buffers are the worst case per chunk: hop 1 [X, C, D],
+  hop 2 [P, X C, D], and P X C min(K, E_loc) (row, expert) pairs for the grouped matmul
+  (`buffer_rows`).
+  """
+  B, T, D = x.shape
+  K = experts.shape[-1]
+  check_sizes(mesh, cfg, B)
+  chunk_layout(1, chunk_tokens)  # a bad chunk_tokens fails here, outside shard_map
+  batch_axes = tuple(a for a in BATCH if a in mesh.axis_names)
+  expert_axes = tuple(a for a in EXPERTS if a in mesh.axis_names)
+  token_spec, weight_spec = PartitionSpec(batch_axes), PartitionSpec(expert_axes)
+  local = functools.partial(
+      _local_moe, X=axis_size(mesh, 'expert'), P=axis_size(mesh, 'plane'),
+      E=cfg.n_routed_experts, chunk_tokens=chunk_tokens,
+      replicas=tuple(a for a in batch_axes if a not in expert_axes),
+      impl=cfg.moe_matmul, precision=cfg.precision, fp8_kernel=cfg.fp8_matmul_kernel)
+  return jax.shard_map(local, mesh=mesh, in_specs=(token_spec,) * 3 + (weight_spec,) * 3,
+                       out_specs=token_spec)(x, experts.reshape(B, T, K), gates.reshape(B, T, K),
+                                         w_gate, w_up, w_down)
+
+
+def _local_moe(x, experts, gates, w_gate, w_up, w_down, *, X, P, E, chunk_tokens, replicas, impl,
+               precision, fp8_kernel):
+  """One device: x [b, T, D], experts/gates [b, T, K], its experts' weights [E_loc, ...]."""
+  b, T, D = x.shape
+  K = experts.shape[-1]
+  N = b * T
+  if replicas:  # weights are copies over 'data': their gradient sums over it, outside custom_vjps
+    w_gate, w_up, w_down = jax.lax.pcast((w_gate, w_up, w_down), replicas, to='varying')
+  tokens = x.reshape(N, D)
+  experts = experts.reshape(N, K)
+  gates = gates.reshape(N, K).astype(x.dtype)
+  chunks, C = chunk_layout(N, chunk_tokens)
+
+  def one_chunk(chunk):
+    return _dispatch_combine(*chunk, w_gate, w_up, w_down, X=X, P=P, E=E, impl=impl,
+                             precision=precision, fp8_kernel=fp8_kernel)
+
+  # Remat: the backward pass keeps a chunk's inputs only, not its [P X C ..., D] buffers.
+  one_chunk = jax.checkpoint(one_chunk, prevent_cse=chunks == 1)
+  if chunks == 1:
+    return one_chunk((tokens, experts, gates)).reshape(b, T, D)
+  pad = chunks * C - N  # padding rows: expert id E is on no node, gate 0, so they go nowhere
+  padded = [jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(chunks, C, -1)
+            for a, fill in ((tokens, 0), (experts, E), (gates, 0))]                # [n, C, ...]
+  out = jax.lax.map(one_chunk, tuple(padded))                                     # [n, C, D]
+  return out.reshape(chunks * C, D)[:N].reshape(b, T, D)
+
+
+def _dispatch_combine(tokens, experts, gates, w_gate, w_up, w_down, *, X, P, E, impl, precision,
+                      fp8_kernel):
+  """One chunk on one device: tokens [N, D], experts/gates [N, K] (id E: no expert) -> [N, D]."""
+  N, D = tokens.shape
+  K = experts.shape[-1]
+  E_node, E_loc = E // X, E // (X * P)
+
+  # Hop 1: one row per (token, destination node), expert ids local to that node.
+  to_node = (experts // E_node)[None] == jnp.arange(X)[:, None, None]           # [X, N, K]
+  ids1, gates1 = _restrict(experts % E_node, gates, to_node, min(K, E_node), E_node)
+  rows1 = jnp.where(jnp.any(to_node, -1)[..., None], tokens[None], 0)           # [X, N, D]
+  rows1, ids1, gates1 = (_all_to_all(a, 'expert', X) for a in (rows1, ids1, gates1))
+  R1 = X * N
+  rows1, ids1, gates1 = rows1.reshape(R1, D), ids1.reshape(R1, -1), gates1.reshape(R1, -1)
+
+  # Hop 2: one row per (hop-1 row, destination plane), expert ids local to that device.
+  to_plane = (ids1 // E_loc)[None] == jnp.arange(P)[:, None, None]              # [P, R1, S1]
+  ids2, gates2 = _restrict(ids1 % E_loc, gates1, to_plane, min(K, E_loc), E_loc)
+  rows2 = jnp.where(jnp.any(to_plane, -1)[..., None], rows1[None], 0)           # [P, R1, D]
+  rows2, ids2, gates2 = (_all_to_all(a, 'plane', P) for a in (rows2, ids2, gates2))
+  R2 = P * R1
+
+  out = _local_experts(rows2.reshape(R2, D), ids2.reshape(R2, -1), gates2.reshape(R2, -1),
+                       w_gate, w_up, w_down, impl, precision, fp8_kernel)       # [R2, D]
+
+  # Combine: back over 'plane', sum per hop-1 row; back over 'expert', sum per token.
+  out = jnp.sum(_all_to_all(out.reshape(P, R1, D), 'plane', P), axis=0)         # [R1, D]
+  return jnp.sum(_all_to_all(out.reshape(X, N, D), 'expert', X), axis=0)        # [N, D]
+
+
+def _restrict(ids, gates, to_dest, slots: int, invalid: int):
+  """Routing restricted to each destination: ids/gates [R, K], to_dest [n, R, K] (to_dest[i, r, k]:
+  slot k of row r goes to destination i) -> ids, gates [n, R, slots], the destination's slots
+  first; unused slots get id `invalid` and gate 0. `slots` bounds the slots one destination
+  can get (a row's experts are distinct)."""
+  ids = jnp.broadcast_to(ids, to_dest.shape)
+  gates = jnp.broadcast_to(gates, to_dest.shape)
+  if slots < to_dest.shape[-1]:
+    first = jnp.argsort(~to_dest, axis=-1, stable=True)[..., :slots]  # this destination's slots
+    ids, gates, to_dest = (jnp.take_along_axis(a, first, axis=-1) for a in (ids, gates, to_dest))
+  return jnp.where(to_dest, ids, invalid), jnp.where(to_dest, gates, 0)
+
+
+def _all_to_all(a: jax.Array, axis: str, size: int) -> jax.Array:
+  """a [size, ...], block i for device i of `axis` -> [size, ...], block j from device j."""
+  if size == 1:
+    return a
+  return jax.lax.all_to_all(a, axis, split_axis=0, concat_axis=0)
+
+
+def _local_experts(rows, ids, gates, w_gate, w_up, w_down, impl, precision, fp8_kernel):
+  """rows [R, D], ids/gates [R, S] (id E_loc: no pair), local weights [E_loc, ...] ->
+  sum_s gates[r, s] * SwiGLU_{ids[r, s]}(rows[r]), [R, D].
+
+  Invalid pairs are zero rows sorted after every valid one and counted into the last expert's
+  group: a zero row's SwiGLU is exactly zero in value and contributes exactly zero to every
+  weight gradient, and its gate is zero, so no padding expert or weight copy is needed.
+  """
+  R, S = ids.shape
+  E_loc, D = w_gate.shape[0], rows.shape[-1]
+  key = ids.reshape(R * S)
+  order = jnp.argsort(key, stable=True)  # pairs sorted by local expert, invalid ones last
+  inverse = jnp.argsort(order)
+  counts = jnp.sum(key[:, None] == jnp.arange(E_loc + 1)[None], axis=0, dtype=jnp.int32)
+  group_sizes = counts[:E_loc].at[E_loc - 1].add(counts[E_loc])
+  pairs = jnp.broadcast_to(rows[:, None, :], (R, S, D)).reshape(R * S, D)
+  pairs = jnp.where((key < E_loc)[:, None], pairs, 0)
+  out = grouped_matmul.expert_swiglu(grouped_matmul.take_rows(pairs, order, inverse),
+                                     group_sizes, w_gate, w_up, w_down, impl, precision,
+                                     fp8_kernel)
+  per_slot = grouped_matmul.take_rows(out, inverse, order).reshape(R, S, D)
+  return jnp.einsum('RSD,RS->RD', per_slot, gates)
+
+
+def buffer_rows(cfg: ModelConfig, X: int, P: int, local_tokens: int,
+                chunk_tokens: int | None = None) -> dict[str, int]:
+  """Static worst-case sizes per device for `local_tokens` tokens dispatched in chunks of at most
+  `chunk_tokens` (as `moe_ep`): the chunks and their tokens, and per chunk the rows sent over each
+  hop and the (row, expert) pairs run by the grouped matmul."""
+  K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+  chunks, C = chunk_layout(local_tokens, chunk_tokens)
+  return dict(chunks=chunks, chunk_tokens=C, hop1_rows=X * C, hop2_rows=P * X * C,
+              expert_pairs=P * X * C * min(K, E // (X * P)))
+
+
+def traffic(experts, cfg: ModelConfig, X: int, P: int, token_bytes: int, data: int = 1,
+            origin_node=None, origin_plane=None) -> dict[str, jax.Array]:
+  """Dispatch traffic of one step's routing decisions, experts [T, K] (all tokens, in batch
+  order). Combine sends the same rows back (in the output dtype).
+
+  A token's own node and plane are those of the device holding it: with the batch split over
+  (data, expert, plane), token t sits on device t // (T / (data X P)) in (data, expert, plane)
+  order; pass `origin_node` / `origin_plane` [T] to override. Sends to one's own node (hop 1)
+  or own plane (hop 2) stay on the device and are not counted. Routing metadata (K ids and
+  gates per row) is not counted in the bytes.
+
+  Returns counts of rows sent, bytes (float32: counts x token_bytes) and ratios:
+    inter_node    hop 1: per token, distinct destination nodes other than its own;
+    intra_node    hop 2: per (token, destination node), planes holding one of its experts other
+                  than the plane it arrives on (its own plane: hop 1 stays inside one plane);
+    naive_inter_node  the baseline: per token, chosen experts on another node;
+    dedup_factor  naive_inter_node / inter_node;
+  plus nodes_per_token (mean distinct nodes, own included) and the busiest device's (row,
+  expert) pairs, max_expert_pairs, against the static worst case expert_pairs_bound (all of a
+  device's tokens in one chunk).
+  """
+  experts = jnp.asarray(experts)
+  T = experts.shape[0]
+  E = cfg.n_routed_experts
+  E_loc = E // (X * P)
+  shards = data * X * P
+  if T % shards:
+    raise ValueError(f'traffic: T={T} tokens are not divisible by data x expert x plane = '
+                     f'{data} x {X} x {P} = {shards}')
+  holder = jnp.arange(T) // (T // shards)           # the device holding each token
+  origin_node = (holder // P) % X if origin_node is None else jnp.asarray(origin_node)
+  origin_plane = holder % P if origin_plane is None else jnp.asarray(origin_plane)
+  # Distinct destinations from the sorted device ids, O(T K): no [T, K, X, P] one-hots.
+  device = jnp.sort(experts // E_loc, axis=-1)      # [T, K], node-major: node * P + plane
+  node, plane = device // P, device % P
+  new_device = jnp.concatenate([jnp.ones((T, 1), bool), device[:, 1:] != device[:, :-1]], -1)
+  new_node = jnp.concatenate([jnp.ones((T, 1), bool), node[:, 1:] != node[:, :-1]], -1)
+  distinct_nodes = jnp.sum(new_node, axis=-1)                                   # [T]
+  inter = jnp.sum(distinct_nodes - jnp.any(node == origin_node[:, None], axis=-1))
+  intra = jnp.sum(new_device & (plane != origin_plane[:, None]))
+  naive = jnp.sum(node != origin_node[:, None])
+  # Busiest device: (token, expert) pairs on it, per data replica (its own expert group).
+  replica = holder // (X * P)
+  target = replica[:, None] * (X * P) + experts // E_loc                        # [T, K]
+  pairs = jnp.bincount(target.reshape(-1), length=shards)
+  return dict(
+      inter_node=inter, intra_node=intra, naive_inter_node=naive,
+      inter_node_bytes=inter.astype(jnp.float32) * token_bytes,
+      intra_node_bytes=intra.astype(jnp.float32) * token_bytes,
+      naive_inter_node_bytes=naive.astype(jnp.float32) * token_bytes,
+      dedup_factor=naive / jnp.maximum(inter, 1),
+      nodes_per_token=jnp.mean(distinct_nodes.astype(jnp.float32)),
+      max_expert_pairs=jnp.max(pairs),
+      expert_pairs_bound=jnp.asarray(
+          buffer_rows(cfg, X, P, T // shards, T // shards)['expert_pairs'], jnp.int32))
