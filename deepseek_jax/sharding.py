@@ -8,16 +8,26 @@ DESIGN.md, "Sharding and the multi-plane mesh":
   data    replicas of the expert-parallel group (gradient all-reduce).
 Tokens (the batch) are sharded over all three axes, routed experts over ('expert', 'plane').
 Every parameter carries logical axis names (`layers/param.py`); `rules(fsdp)` maps them.
+
+The train state's shardings come from those names: `variable_shardings` reads them from the nnx
+Variables of an abstract (eval_shape) state, `mirror_shardings` gives each optimizer moment the
+sharding of the parameter it mirrors (found by its key path), everything else is replicated.
+The same shardings are the targets of `jax.jit(init, out_shardings=...)` (the state is created
+in place, never on one device first) and of a checkpoint restore (so a state saved on one mesh
+restores onto any other).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ('data', 'expert', 'plane')
 BATCH = AXES                 # the batch dimension of every activation is split over all three
@@ -87,3 +97,130 @@ def logical_spec(axes: Sequence[str | None], table) -> PartitionSpec:
     used.update(names)
     spec.append(names[0] if len(names) == 1 else (names or None))
   return PartitionSpec(*spec)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+def check_mesh(mesh: Mesh, batch_size: int, n_routed_experts: int, n_group: int,
+               fsdp_dim: int | None = None) -> None:
+  """Errors (naming the sizes) for a batch, a MoE or (with FSDP) a model dimension `fsdp_dim`
+  that cannot be laid out on `mesh`."""
+  data, expert, plane = (mesh.shape[name] for name in AXES)
+  sizes = f'mesh data={data} x expert={expert} x plane={plane}'
+  if batch_size % (data * expert * plane):
+    raise ValueError(f'train.batch_size={batch_size} must divide by {sizes} = '
+                     f'{data * expert * plane} (the batch is split over all three axes)')
+  if n_routed_experts % (expert * plane):
+    raise ValueError(f'model.n_routed_experts={n_routed_experts} must divide by expert={expert} '
+                     f'x plane={plane} = {expert * plane} (routed experts are split over both)')
+  if n_group % expert:
+    raise ValueError(f'model.n_group={n_group} must divide by mesh expert={expert}: expert '
+                     'groups map onto the nodes of the expert axis')
+  if fsdp_dim is not None and fsdp_dim % data:
+    raise ValueError(f'model.hidden_size={fsdp_dim} must divide by mesh data={data} (fsdp '
+                     'splits it over data)')
+
+
+# ---- shardings of the train state ------------------------------------------------------------
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, T] token arrays: rows split over data x expert x plane."""
+  return NamedSharding(mesh, PartitionSpec(BATCH, None))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def variable_shardings(tree: Any, mesh: Mesh, table) -> Any:
+  """NamedShardings in the structure of `tree` (arrays or ShapeDtypeStructs, e.g. an eval_shape
+  of the model state): a leaf inside an nnx Variable gets the spec of the Variable's logical axis
+  names (`out_sharding` metadata) under `table`; a leaf without names is replicated."""
+
+  def one(variable):
+    if not _is_variable(variable):
+      return replicated(mesh)
+    axes = variable.get_metadata().get('out_sharding')
+
+    def leaf(x):
+      if axes is None:
+        return replicated(mesh)
+      if len(axes) != len(x.shape):
+        raise ValueError(f'logical axes {axes} for a value of shape {x.shape}')
+      return NamedSharding(mesh, logical_spec(axes, table))
+
+    return jax.tree.map(leaf, variable)
+
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def mirror_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for `tree` (an optimizer state): a leaf whose key path ends with a parameter's
+  path and has its shape (Adam's mu and nu, ...) gets that parameter's sharding; the rest
+  (step counts, scalars) is replicated. This is `optax.tree_map_params` by key path, which also
+  works through `optax.partition` (whose init cannot run on optax's placeholder)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  targets = {tuple(path): (x.shape, s) for (path, x), s in
+             zip(flat, jax.tree.leaves(param_shardings))}
+  longest = max((len(k) for k in targets), default=0)
+
+  def leaf(path, x):
+    keys = tuple(path)
+    for start in range(max(len(keys) - longest, 0), len(keys)):
+      shape, sharding = targets.get(keys[start:], (None, None))
+      if sharding is not None and shape == x.shape:
+        return sharding
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def train_state_shardings(state: Any, mesh: Mesh, table) -> dict:
+  """Shardings of the train state {'tree', 'opt', 'step'} (train/step.py), from its eval_shape:
+  the parameters and router biases by their logical names, the optimizer state mirroring them,
+  the step counter replicated."""
+  tree = variable_shardings(state['tree'], mesh, table)
+  return {'tree': tree, 'opt': mirror_shardings(state['opt'], state['tree'], tree, mesh),
+          'step': replicated(mesh)}
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (a jit or checkpoint-restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+# ---- host <-> global arrays ------------------------------------------------------------------
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows of a global batch (process p holds rows [pB/P, (p+1)B/P), as
+  `train/data.py` produces them) -> global [B, ...] arrays; one process or several."""
+  count = jax.process_count()
+  out = {}
+  for name, local in batch.items():
+    global_shape = (local.shape[0] * count,) + local.shape[1:]
+    rows = {index[0].indices(global_shape[0])[:2]
+            for index in sharding.addressable_devices_indices_map(global_shape).values()}
+    first, last = min(r[0] for r in rows), max(r[1] for r in rows)
+    mine = (jax.process_index() * local.shape[0], (jax.process_index() + 1) * local.shape[0])
+    if (first, last) != mine:  # the mesh's device order must follow the processes' data rows
+      raise ValueError(f'process {jax.process_index()} holds batch rows [{mine[0]}, {mine[1]}) '
+                       f'but its devices on the mesh take rows [{first}, {last})')
+    out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+  return out
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of the arrays in `tree`, also of global arrays that span other processes
+  (gathered: every process must call this at the same point)."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)

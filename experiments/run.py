@@ -1,12 +1,24 @@
 """The main job: trains a config (default: the tiny model on the text that ships with Python).
 
   python -m experiments.run [--config=experiments/configs/tiny.py] [--config.train.steps=100]
-                            [--workdir=runs/tiny]
+                            [--workdir=runs/tiny] [--config.mesh.expert=2 --config.mesh.plane=4]
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
+
+Several processes (hosts, or CPU processes on one machine) run the same command, each with its
+own process id, and share the workdir (checkpoints are written by all, logs by process 0):
+
+  python -m experiments.run --coordinator_address=10.0.0.1:1234 --num_processes=2 \
+      --process_id=0 ...   # and --process_id=1 on the other
+
+Without these flags `jax.distributed.initialize` still runs when JAX_COORDINATOR_ADDRESS is set
+(JAX reads it, with JAX_COORDINATOR_PORT, JAX_COORDINATOR_BIND_ADDRESS and
+JAX_LOCAL_DEVICE_IDS), or with --distributed; what is not given JAX detects on Slurm
+(SLURM_* variables), Open MPI (OMPI_* variables), Cloud TPU pods and Kubernetes (JobSet).
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -18,19 +30,41 @@ from deepseek_jax import hostmem
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
                                           'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default runs/<config name>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0\'s coordinator (multi-process runs).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id, 0 .. n-1.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() even without the three flags above '
+    '(JAX detects Slurm, Open MPI, Cloud TPU pods, Kubernetes).')
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` when asked for, before anything touches JAX's devices; CPU
+  devices then talk over gloo (the setting only concerns the CPU backend)."""
+  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if (all(v is None for v in given) and not _DISTRIBUTED.value
+      and not os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(*given)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and XLA log every save at INFO
+  initialize_distributed()
   name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
   workdir = _WORKDIR.value or f'runs/{name}'
+  import jax  # pylint: disable=import-outside-toplevel
   from deepseek_jax.train import loop  # pylint: disable=import-outside-toplevel  (after hostmem)
   try:
     result = loop.train(_CONFIG.value, workdir)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
-  print(json.dumps({k: v for k, v in result.items() if k != 'sample'}))
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in result.items() if k != 'sample'}))
 
 
 if __name__ == '__main__':

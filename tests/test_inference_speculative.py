@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
   config.model.update(MODEL)
   config.train.update(TRAIN)
   config.data.tokenizer = 'bpe'
+  config.mesh.data = 1  # one device, as the sample is compared with a one-device decoder
   loop.train(config, workdir)
   return workdir
 

@@ -33,6 +33,7 @@ def get_config():
   config.train.update({SMALL_TRAIN!r})
   config.data.tokenizer = 'byte'
   config.train.steps = STEPS
+  config.mesh.data = 1  # one device (tests/test_sharding.py covers meshes)
   return config
 '''
 
@@ -43,6 +44,7 @@ def small_config(steps: int):
   config.train.update(SMALL_TRAIN)
   config.data.tokenizer = 'byte'
   config.train.steps = steps
+  config.mesh.data = 1  # one device (tests/test_sharding.py covers meshes)
   return config
 
 

@@ -18,7 +18,9 @@ class RouterBias(nnx.Variable):
 def normal(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
            std: float) -> nnx.Param:
   assert len(shape) == len(axes), (shape, axes)
-  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  # The barrier keeps XLA from fusing the scale into the sampler, so an initialisation under jit
+  # (sharded on a mesh) gives bit for bit the values of an eager one.
+  value = std * jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, jnp.float32))
   return nnx.Param(value, out_sharding=axes)
 
 

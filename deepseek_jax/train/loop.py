@@ -4,6 +4,13 @@ Rerunning with the same workdir resumes from the latest checkpoint, data iterato
 the losses from there on equal an uninterrupted run's. Metrics are read one step late (the host
 never waits on the step it just dispatched); a non-finite loss stops the run with a message that
 names the step, before that step's state can be checkpointed. SIGTERM saves and exits cleanly.
+
+The run lives on the ('data', 'expert', 'plane') mesh of `config.mesh` (deepseek_jax/sharding.py):
+the train state is created in place with the shardings its logical axis names give, a checkpoint
+restores onto this run's mesh whatever mesh wrote it, and every step runs under
+`jax.set_mesh(mesh)` (the MoE layer's expert-parallel path reads it). With several processes
+(`jax.distributed`, see experiments/run.py) each one feeds its rows of the global batch, all take
+part in every step and checkpoint, and only process 0 prints and writes logs, plots and samples.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from deepseek_jax import model as model_lib
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import checkpoint as ckpt_lib
 from deepseek_jax.train import data as data_lib
@@ -30,18 +39,35 @@ from deepseek_jax.train import step as step_lib
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step.
+
+  With several processes the processes must stop at the same step (a checkpoint save is
+  collective), so JAX's preemption sync service (started by `jax.distributed.initialize`, which
+  catches SIGTERM itself) picks the step instead of a handler here.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call it at every step, in every process)."""
+    if self._multi and not self.requested:
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # the preemption service is switched off: SIGTERM just ends the run
+        pass
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _jsonl_upto(path: pathlib.Path, step: int) -> list[dict]:
@@ -57,10 +83,14 @@ def _jsonl_upto(path: pathlib.Path, step: int) -> list[dict]:
 
 class _MetricsLog:
   """metrics.jsonl (one JSON object per logged step), expert_load.jsonl ([M, E] per logged step)
-  and TensorBoard events in the workdir."""
+  and TensorBoard events in the workdir; only in memory when not `enabled` (processes > 0)."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool = True):
     self.path, self.load_path = workdir / 'metrics.jsonl', workdir / 'expert_load.jsonl'
+    self.enabled = enabled
+    self.rows, self.loads, self._tb = [], [], None
+    if not enabled:
+      return
     self.rows = _jsonl_upto(self.path, resume_step)
     self.loads = [(row['step'], np.asarray(row['load']))
                   for row in _jsonl_upto(self.load_path, resume_step)]
@@ -72,6 +102,8 @@ class _MetricsLog:
 
   def write(self, row: dict) -> None:
     self.rows.append(row)
+    if not self.enabled:
+      return
     with self.path.open('a') as f:
       f.write(json.dumps(row) + '\n')
     if self._tb is not None:
@@ -81,6 +113,8 @@ class _MetricsLog:
 
   def write_load(self, step: int, load: np.ndarray) -> None:
     self.loads.append((step, load))
+    if not self.enabled:
+      return
     with self.load_path.open('a') as f:
       f.write(json.dumps({'step': step, 'load': load.tolist()}) + '\n')
 
@@ -92,10 +126,35 @@ class _MetricsLog:
 def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -> dict[str, float]:
   nats = tokens = num_bytes = 0.0
   for batch in batches:
-    n, t, b = jax.device_get(eval_step(tree, batch, bytes_per_token))
+    n, t, b = sharding.to_host(eval_step(tree, batch, bytes_per_token))
     nats, tokens, num_bytes = nats + float(n), tokens + float(t), num_bytes + float(b)
   return {'eval_loss': nats / max(tokens, 1.0),
           'eval_bpb': data_lib.bits_per_byte(nats, num_bytes)}
+
+
+def mesh_from_config(config, cfg: ModelConfig,
+                     batch_size: int) -> tuple[jax.sharding.Mesh, tuple]:
+  """The run's mesh and rules table from `config.mesh` (all devices on `data` when absent),
+  checked against the model and the batch."""
+  mesh_cfg = config.get('mesh') or ml_collections.ConfigDict(
+      dict(data=-1, expert=1, plane=1, fsdp=False))
+  mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.plane)
+  sharding.check_mesh(mesh, batch_size, cfg.n_routed_experts, cfg.n_group,
+                      cfg.hidden_size if mesh_cfg.fsdp else None)
+  return mesh, sharding.rules(mesh_cfg.fsdp)
+
+
+def prepare_data(config, workdir: pathlib.Path, vocab_size: int) -> data_lib.Data:
+  """`data_lib.prepare`, process 0 first: it trains and saves a BPE tokenizer that the other
+  processes then load from the workdir instead of writing the same file at the same time."""
+  if jax.process_count() == 1:
+    return data_lib.prepare(config.data, str(workdir), vocab_size)
+  if jax.process_index() == 0:
+    data = data_lib.prepare(config.data, str(workdir), vocab_size)
+  multihost_utils.sync_global_devices('deepseek_jax: data prepared')
+  if jax.process_index() != 0:
+    data = data_lib.prepare(config.data, str(workdir), vocab_size)
+  return data
 
 
 def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -106,30 +165,43 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   if cfg.precision == 'fp8' and not t.bf16_moments:
     t = ml_collections.ConfigDict(t.to_dict())
     t.bf16_moments = True  # V3 §3.3: the FP8 recipe keeps AdamW's moments in BF16
-  workdir.mkdir(parents=True, exist_ok=True)
-  data = data_lib.prepare(config.data, str(workdir), cfg.vocab_size)
+  mesh, table = mesh_from_config(config, cfg, t.batch_size)
   process_index, process_count = jax.process_index(), jax.process_count()
+  lead = process_index == 0  # the one process that prints and writes files
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = prepare_data(config, workdir, cfg.vocab_size)
   iterator = data_lib.train_iterator(data.train_tokens, t.seq_len, t.batch_size, config.seed,
                                      process_index, process_count)
   eval_set = data_lib.eval_batches(data.heldout_tokens, t.seq_len, t.batch_size,
                                    t.eval_batches, process_index, process_count)
 
-  model = model_lib.create(cfg, config.seed)
-  graphdef, tree, rest = opt_lib.split_trainable(model)
   tx = opt_lib.make_optimizer(t)
-  state = step_lib.init_state(tree, tx)
+  init = step_lib.initializer(cfg, config.seed, tx)
+  abstract_state, abstract_rest = jax.eval_shape(init)
+  shardings = sharding.train_state_shardings(abstract_state, mesh, table)
+  rest_shardings = sharding.variable_shardings(abstract_rest, mesh, table)
+  graphdef = opt_lib.split_trainable(model_lib.abstract(cfg))[0]
   checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', t.keep_checkpoints)
-  meta = {'model': cfg.to_dict()}
+  meta = {'model': cfg.to_dict()}  # not the mesh: a checkpoint restores onto any mesh
   start = checkpoints.latest_step()
-  if start is not None:
-    state, data_state = checkpoints.restore(start, ckpt_lib.abstract(state), meta)
+  if start is None:  # created in place on the mesh
+    state, rest = jax.jit(init, out_shardings=(shardings, rest_shardings))()
+  else:
+    rest = jax.jit(lambda: init()[1], out_shardings=rest_shardings)()
+    state, data_state = checkpoints.restore(
+        start, sharding.with_shardings(abstract_state, shardings), meta)
     iterator.set_state(data_state)
-    print(f'resumed from {checkpoints.directory / str(start)}')
+    if lead:
+      print(f'resumed from {checkpoints.directory / str(start)}')
   start = start or 0
-  log = _MetricsLog(workdir, start)
-  train_step = step_lib.make_train_step(graphdef, rest, cfg, t, tx)
-  eval_step = step_lib.make_eval_step(graphdef, rest)
-  bytes_per_token = jax.numpy.asarray(data.tokenizer.bytes_per_token, jax.numpy.float32)
+  log = _MetricsLog(workdir, start, enabled=lead)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = step_lib.make_train_step(graphdef, rest, cfg, t, tx, shardings, batch_sharding)
+  eval_step = step_lib.make_eval_step(graphdef, rest, shardings['tree'], batch_sharding)
+  eval_set = [sharding.put_batch(batch, batch_sharding) for batch in eval_set]
+  bytes_per_token = np.asarray(data.tokenizer.bytes_per_token, np.float32)
+  bytes_per_token = jax.make_array_from_process_local_data(
+      sharding.replicated(mesh), bytes_per_token, bytes_per_token.shape)
   tokens_per_step = t.batch_size * t.seq_len
 
   preemption = _Preemption()
@@ -139,7 +211,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
 
   def check_finite(item) -> dict[str, float]:
     step, metrics, _ = item
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
       raise FloatingPointError(f'non-finite metrics at step {step}: {bad}; the last good '
@@ -153,9 +225,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     now = time.perf_counter()
     metrics['tokens_per_s'] = tokens_per_step * (step - clock_step) / max(now - clock, 1e-9)
     clock, clock_step = now, step
-    return {'step': step, **metrics}, np.asarray(jax.device_get(expert_load))
+    return {'step': step, **metrics}, sharding.to_host(expert_load)
 
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
+  bar = tqdm.tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+                  disable=not lead)
 
   def log_pending():
     """Logs the dispatched step's metrics and expert load if it is a logging step."""
@@ -167,34 +240,42 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     last.update(row)
     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
+  preempted = False
   try:
-    for step in range(start + 1, t.steps + 1):
-      batch = next(iterator)
-      state, (metrics, expert_load) = train_step(state, batch)
-      log_pending()  # the previous step's metrics: reading them never waits on this step
-      pending = (step, metrics, expert_load)
-      bar.update(1)
-      at_end = step == t.steps or preemption.requested
-      if step % t.eval_every == 0 or at_end:
-        row = {'step': step, **evaluate(eval_step, state['tree'], eval_set, bytes_per_token)}
-        log.write(row)
-        last.update(row)
-      if step % t.checkpoint_every == 0 or at_end:
-        check_finite(pending)  # never checkpoint a state whose loss is not finite
-        checkpoints.save(step, state, iterator.get_state(), meta)
-      if preemption.requested:
-        print(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
-        break
-    log_pending()
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, t.steps + 1):
+        batch = sharding.put_batch(next(iterator), batch_sharding)
+        state, (metrics, expert_load) = train_step(state, batch)
+        log_pending()  # the previous step's metrics: reading them never waits on this step
+        pending = (step, metrics, expert_load)
+        bar.update(1)
+        preempted = preemption.check(step)
+        at_end = step == t.steps or preempted
+        if step % t.eval_every == 0 or at_end:
+          row = {'step': step, **evaluate(eval_step, state['tree'], eval_set, bytes_per_token)}
+          log.write(row)
+          last.update(row)
+        if step % t.checkpoint_every == 0 or at_end:
+          check_finite(pending)  # never checkpoint a state whose loss is not finite
+          checkpoints.save(step, state, iterator.get_state(), meta)
+        if preempted:
+          if lead:
+            print(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
+          break
+      log_pending()
   finally:
     bar.close()
     checkpoints.wait()
     checkpoints.close()
     log.close()
     preemption.restore()
-  if not preemption.requested:
-    model = opt_lib.merge_trainable(graphdef, state['tree'], rest)
-    last['sample'] = report.sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens)
-    report.plot(log.rows, log.loads, workdir / 'training.png')
-    (workdir / 'sample.txt').write_text(last['sample'])
+  if not preempted:
+    tree = state['tree']
+    if process_count > 1:  # the sample runs in process 0 alone, on its first device
+      tree, rest = sharding.to_host(tree), sharding.to_host(rest)
+    if lead:
+      model = opt_lib.merge_trainable(graphdef, tree, rest)
+      last['sample'] = report.sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens)
+      report.plot(log.rows, log.loads, workdir / 'training.png')
+      (workdir / 'sample.txt').write_text(last['sample'])
   return last

@@ -7,7 +7,7 @@ from deepseek_jax.train import optimizer
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
-  """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`.
+  """A run config: `seed`, `model.<ModelConfig field>`, `train.*`, `data.*`, `mesh.*`.
 
   `model` holds every ModelConfig field (those `model` leaves out at their defaults), so each one
   can be overridden on the command line, e.g. `--config.model.precision=fp8`; `ModelConfig`
@@ -35,4 +35,10 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
       tokenizer='byte',            # 'byte' or 'bpe' (trained on the train split, saved in workdir)
       heldout_fraction=0.05,
   ))
+  # The device mesh (deepseek_jax/sharding.py, DESIGN.md "Sharding and the multi-plane mesh"):
+  # data x expert x plane devices, one size may be -1 (all devices left over). The batch is split
+  # over all three, routed experts over expert x plane; fsdp also splits every weight's model
+  # dimension over data. The default puts every device on data (1x1x1 on one device).
+  # E.g. --config.mesh.expert=2 --config.mesh.plane=4 on 8 devices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, plane=1, fsdp=False))
   return config
