@@ -1,0 +1,70 @@
+"""Per-device memory of the train state on any (data, expert, plane) mesh, from `jax.eval_shape`.
+
+The train state of `train/step.py` ({'tree': params + router biases, 'opt': the optimizer state,
+'step'}) is built abstractly (no memory), given the shardings the training loop gives it
+(`sharding.train_state_shardings`: parameters by their logical axis names, optimizer moments
+mirroring them), and each leaf's per-device shard shape is read off its NamedSharding over an
+`AbstractMesh` — so the full DeepSeek-V3 on 2,048 devices costs nothing to evaluate. Devices
+hold equal shards (every sharded dimension divides), so one device's bytes are every device's.
+Not counted: gradients (one more parameter-sized FP32 tree while a step runs), activations,
+the expert-parallel dispatch buffers and XLA's temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from deepseek_jax import model as model_lib
+from deepseek_jax import sharding
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import optimizer as opt_lib
+from deepseek_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+  mesh: tuple[int, int, int]  # (data, expert, plane)
+  fsdp: bool
+  params_bytes: int           # FP32 master weights (and router biases) on one device
+  optimizer_bytes: int        # the optimizer state on one device
+  total_params_bytes: int     # the whole model, unsharded
+
+  @property
+  def total_bytes(self) -> int:
+    return self.params_bytes + self.optimizer_bytes
+
+
+def _shard_bytes(tree, shardings) -> int:
+  def one(x, s):
+    return math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
+
+
+def abstract_train_state(cfg: ModelConfig, train: ml_collections.ConfigDict):
+  """The train state's ShapeDtypeStructs (inside its nnx Variables, which carry the names)."""
+  _, tree, _ = opt_lib.split_trainable(model_lib.abstract(cfg))
+  tx = opt_lib.make_optimizer(train)
+  return jax.eval_shape(lambda t: step_lib.init_state(t, tx), tree)
+
+
+def per_device(cfg: ModelConfig, mesh: tuple[int, int, int], fsdp: bool,
+               bf16_moments: bool = True) -> DeviceMemory:
+  """Bytes of the train state on one device of a data x expert x plane mesh. AdamW moments in
+  BF16 by default (V3 §3.3's recipe), FP32 otherwise."""
+  sharding.mesh_shape(*mesh, num_devices=math.prod(mesh))  # sizes checked as the loop does
+  train = ml_collections.ConfigDict(opt_lib.default_train_fields())
+  train.update(bf16_moments=bf16_moments, learning_rate=1e-4, steps=1000)  # no effect on shapes
+  state = abstract_train_state(cfg, train)
+  abstract_mesh = AbstractMesh(mesh, sharding.AXES)
+  shardings = sharding.train_state_shardings(state, abstract_mesh, sharding.rules(fsdp))
+  params = _shard_bytes(state['tree'], shardings['tree'])
+  optimizer = _shard_bytes(state['opt'], shardings['opt'])
+  unsharded = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                  for x in jax.tree.leaves(state['tree']))
+  return DeviceMemory(tuple(mesh), fsdp, params, optimizer, unsharded)

@@ -1,0 +1,58 @@
+"""Per-device train-state memory on a mesh (`analysis/memory.py`), against a count by hand: every
+routed-expert weight split over expert x plane, with FSDP every `embed` dimension over data as
+well, everything else whole on every device; AdamW's two moments mirror the parameters."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.analysis import memory
+from deepseek_jax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, qk_nope_head_dim=16,
+                  qk_rope_head_dim=16, v_head_dim=16, q_lora_rank=32, kv_lora_rank=32,
+                  intermediate_size=96, moe_intermediate_size=32, first_k_dense=1,
+                  n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                  rope_factor=1.0, max_position_embeddings=256, mtp_depth=1)
+
+
+def by_hand(mesh, fsdp: bool) -> tuple[int, int]:
+  """(parameter + router bias bytes, router bias bytes) on one device, from each variable's path
+  and shape."""
+  data, expert, plane = mesh
+  total = bias = 0
+  for path, leaf in nnx.to_flat_state(nnx.state(model_lib.abstract(CFG))):
+    shape, names = leaf.get_value().shape, leaf.get_metadata()['out_sharding']
+    split = 1
+    if names[0] == 'expert' and len(shape) == 3:  # w_gate / w_up / w_down [E, ., .]
+      split *= expert * plane
+    elif names == ('expert',) or path[-1] == 'router_kernel':  # router bias / kernel [., E]
+      split *= expert * plane
+    if fsdp and 'embed' in names:
+      split *= data
+    total += math.prod(shape) * 4 // split
+    bias += math.prod(shape) * 4 // split if path[-1] == 'router_bias' else 0
+  return total, bias
+
+
+@pytest.mark.parametrize('mesh,fsdp', [((1, 1, 1), False), ((2, 2, 2), False), ((2, 2, 2), True),
+                                       ((1, 2, 4), True), ((4, 1, 2), True)])
+def test_per_device_bytes_match_a_count_by_hand(mesh, fsdp):
+  total, bias = by_hand(mesh, fsdp)
+  m = memory.per_device(CFG, mesh, fsdp, bf16_moments=False)
+  assert m.params_bytes == total
+  # AdamW's mu and nu for every parameter (the router biases have their own, stateless rule),
+  # plus a few step counters
+  assert 0 <= m.optimizer_bytes - 2 * (total - bias) <= 64
+  bf16 = memory.per_device(CFG, mesh, fsdp, bf16_moments=True)
+  assert 0 <= bf16.optimizer_bytes - (total - bias) <= 64  # two BF16 moments = one FP32 copy
+  assert m.total_params_bytes == by_hand((1, 1, 1), False)[0]
+
+
+def test_mesh_sizes_that_do_not_fit_are_named():
+  with pytest.raises(ValueError, match='mesh.data=0'):
+    memory.per_device(CFG, (0, 1, 1), False)
