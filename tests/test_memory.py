@@ -56,3 +56,5 @@ def test_per_device_bytes_match_a_count_by_hand(mesh, fsdp):
 def test_mesh_sizes_that_do_not_fit_are_named():
   with pytest.raises(ValueError, match='mesh.data=0'):
     memory.per_device(CFG, (0, 1, 1), False)
+  with pytest.raises(ValueError, match='n_group=4 must divide by mesh expert=8'):
+    memory.per_device(CFG, (1, 8, 1), False)

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from deepseek_jax import model as model_lib
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import optimizer as opt_lib
@@ -47,21 +46,24 @@ def _shard_bytes(tree, shardings) -> int:
 
 
 def abstract_train_state(cfg: ModelConfig, train: ml_collections.ConfigDict):
-  """The train state's ShapeDtypeStructs (inside its nnx Variables, which carry the names)."""
-  _, tree, _ = opt_lib.split_trainable(model_lib.abstract(cfg))
-  tx = opt_lib.make_optimizer(train)
-  return jax.eval_shape(lambda t: step_lib.init_state(t, tx), tree)
+  """The train state's ShapeDtypeStructs (inside its nnx Variables, which carry the names), from
+  the training loop's own initializer."""
+  return jax.eval_shape(step_lib.initializer(cfg, 0, opt_lib.make_optimizer(train)))[0]
 
 
 def per_device(cfg: ModelConfig, mesh: tuple[int, int, int], fsdp: bool,
                bf16_moments: bool = True) -> DeviceMemory:
   """Bytes of the train state on one device of a data x expert x plane mesh. AdamW moments in
   BF16 by default (V3 §3.3's recipe), FP32 otherwise."""
-  sharding.mesh_shape(*mesh, num_devices=math.prod(mesh))  # sizes checked as the loop does
+  sharding.mesh_shape(*mesh, num_devices=math.prod(mesh))
   train = ml_collections.ConfigDict(opt_lib.default_train_fields())
   train.update(bf16_moments=bf16_moments, learning_rate=1e-4, steps=1000)  # no effect on shapes
   state = abstract_train_state(cfg, train)
   abstract_mesh = AbstractMesh(mesh, sharding.AXES)
+  # the loop's layout checks (groups onto nodes, experts over expert x plane, FSDP's split),
+  # with the smallest batch the mesh takes
+  sharding.check_mesh(abstract_mesh, math.prod(mesh), cfg.n_routed_experts, cfg.n_group,
+                      cfg.hidden_size if fsdp else None)
   shardings = sharding.train_state_shardings(state, abstract_mesh, sharding.rules(fsdp))
   params = _shard_bytes(state['tree'], shardings['tree'])
   optimizer = _shard_bytes(state['opt'], shardings['opt'])
