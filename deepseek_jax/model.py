@@ -112,3 +112,17 @@ def apply(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
   """Pure forward pass over split state, for use inside `jax.jit` / `jax.grad`."""
   model = nnx.merge(graphdef, state)
   return model(tokens, positions, segment_ids)
+
+
+# ---- the trainable tree: what the optimizer updates, split from the rest of the state -----
+
+def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, nnx.State], nnx.State]:
+  """model -> (graphdef, {'params': Param state, 'router_bias': RouterBias state}, rest)."""
+  graphdef, params, router_bias, rest = nnx.split(model, nnx.Param, param.RouterBias, ...)
+  return graphdef, {'params': params, 'router_bias': router_bias}, rest
+
+
+def merge_trainable(graphdef: nnx.GraphDef, tree: dict[str, nnx.State],
+                    rest: nnx.State) -> nnx.Module:
+  """The inverse of `split_trainable`."""
+  return nnx.merge(graphdef, tree['params'], tree['router_bias'], rest)

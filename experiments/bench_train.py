@@ -12,7 +12,7 @@ from absl import app, flags
 
 from deepseek_jax import hostmem
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train import bench
+from experiments import train_bench as bench
 from experiments.configs import tiny
 
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after one warm-up).')

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax import hostmem
-from deepseek_jax.train import precision_compare
+from experiments import precision_compare
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny_one_pass.py',
                                           'Experiment config file.')

@@ -18,8 +18,8 @@ import zlib
 import numpy as np
 import pytest
 
-from deepseek_jax.train import data
-from deepseek_jax.train import tokenizer as tokenizer_lib
+from deepseek_jax.data import pipeline as data
+from deepseek_jax.data import tokenizer as tokenizer_lib
 
 SEQ_LEN = 8
 STREAM = np.arange(993, dtype=np.int32)  # token k is k: (993 - 1) // 8 = 124 windows
@@ -64,7 +64,7 @@ def test_embedded_corpus_holds_pydoc_topics_and_stdlib_docstrings():
 
 
 def test_embedded_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed():
-  code = ('import hashlib, json; from deepseek_jax.train import data; '
+  code = ('import hashlib, json; from deepseek_jax.data import pipeline as data; '
           'print(hashlib.sha256(json.dumps(data.embedded_corpus()).encode()).hexdigest())')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONHASHSEED='12345', PYTHONPATH=root)

@@ -14,7 +14,9 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from deepseek_jax import expert_parallel, sharding
+from deepseek_jax import sharding
+from deepseek_jax.analysis import traffic as traffic_lib
+from deepseek_jax.layers import expert_parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import moe, router
 
@@ -284,7 +286,7 @@ def test_traffic_counts_and_node_dedup(data, X, P):
   experts = node_limited_routing(256, 64, 8, 4, 8, seed=6)
   per_node = 64 // X
   assert max(len(set(row // per_node)) for row in experts) <= 4  # at most M nodes per token
-  count = jax.jit(expert_parallel.traffic, static_argnums=(1, 2, 3, 4, 5))
+  count = jax.jit(traffic_lib.traffic, static_argnums=(1, 2, 3, 4, 5))
   got = count(experts, cfg, X, P, 7168, data)
   inter, intra, naive = traffic_by_loops(experts, 64, X, P, data)
   assert (int(got['inter_node']), int(got['intra_node']), int(got['naive_inter_node'])) == (

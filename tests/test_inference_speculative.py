@@ -17,7 +17,7 @@ import pytest
 
 from deepseek_jax.inference import decode, load, sampling, speculative
 from deepseek_jax.train import loop
-from deepseek_jax.train.tokenizer import BpeTokenizer
+from deepseek_jax.data.tokenizer import BpeTokenizer
 from experiments.configs import tiny
 from tests.inference_util import full_logits, random_model, small_config
 

@@ -39,7 +39,7 @@ def train_cfg(**changes) -> ml_collections.ConfigDict:
 def split():
   """(graphdef, tree, rest) of the tiny model: shapes from `abstract` (no init cost), random
   values."""
-  graphdef, tree, rest = opt.split_trainable(model_lib.abstract(CFG))
+  graphdef, tree, rest = model_lib.split_trainable(model_lib.abstract(CFG))
   leaves, treedef = jax.tree.flatten(tree)
   rng = np.random.default_rng(0)
   values = [jnp.asarray(rng.standard_normal(s.shape), s.dtype) for s in leaves]
@@ -72,12 +72,12 @@ def test_split_merge_round_trip(split):
   # embed, head, norm + dense block 15 + MoE blocks 2 x 19 + MTP (block 19, eh_proj, 3 norms)
   assert len(nnx.to_flat_state(tree['params'])) == 3 + 15 + 2 * 19 + 23
   assert not jax.tree.leaves(rest)
-  model = opt.merge_trainable(graphdef, tree, rest)
+  model = model_lib.merge_trainable(graphdef, tree, rest)
   np.testing.assert_array_equal(model.mtp[0].block.ffn.router_bias[...],
                                 tree['router_bias']['mtp'][0]['block']['ffn']['router_bias'][...])
   np.testing.assert_array_equal(model.layers[2].attn.w_o[...],
                                 tree['params']['layers'][2]['attn']['w_o'][...])
-  graphdef2, tree2, _ = opt.split_trainable(model)
+  graphdef2, tree2, _ = model_lib.split_trainable(model)
   assert graphdef2 == graphdef
   for part in ('params', 'router_bias'):
     a, b = flat(tree[part]), flat(tree2[part])

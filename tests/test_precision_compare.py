@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from deepseek_jax.train import precision_compare
+from experiments import precision_compare
 from tests.test_train_loop import small_config
 
 

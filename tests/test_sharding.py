@@ -19,8 +19,8 @@ import pytest
 from deepseek_jax import model as model_lib
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train import checkpoint as ckpt_lib
-from deepseek_jax.train import data as data_lib
+from deepseek_jax import checkpoint as ckpt_lib
+from deepseek_jax.data import pipeline as data_lib
 from deepseek_jax.train import loop
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import step as step_lib
@@ -86,9 +86,9 @@ class Setup:
     self.tx = opt_lib.make_optimizer(self.train)
     self.init = step_lib.initializer(self.cfg, config.seed, self.tx)
     self.abstract, _ = jax.eval_shape(self.init)
-    self.graphdef = opt_lib.split_trainable(model_lib.abstract(self.cfg))[0]
+    self.graphdef = model_lib.split_trainable(model_lib.abstract(self.cfg))[0]
     # The reference starts where the loop did before meshes: an eager model on one device.
-    _, tree, self.rest = opt_lib.split_trainable(model_lib.create(self.cfg, config.seed))
+    _, tree, self.rest = model_lib.split_trainable(model_lib.create(self.cfg, config.seed))
     self.initial = jax.device_get(step_lib.init_state(tree, self.tx))
     # The batches `loop.train` reads for this config, in one process.
     data = data_lib.prepare(config.data, None, self.cfg.vocab_size)

@@ -18,9 +18,8 @@ import numpy as np
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train import checkpoint as ckpt_lib
-from deepseek_jax.train import optimizer as opt_lib
-from deepseek_jax.train import tokenizer as tokenizer_lib
+from deepseek_jax import checkpoint as ckpt_lib
+from deepseek_jax.data import tokenizer as tokenizer_lib
 
 
 class Loaded(NamedTuple):
@@ -81,13 +80,13 @@ def restore_workdir(workdir: pathlib.Path) -> tuple[ModelConfig, model_lib.DeepS
         f'--workdir={workdir}`), and {workdir} is not a Hugging Face directory (no config.json)')
   try:
     cfg = ModelConfig.from_dict(checkpoints.read_meta(step)['model'])
-    graphdef, tree, rest = opt_lib.split_trainable(model_lib.abstract(cfg))
+    graphdef, tree, rest = model_lib.split_trainable(model_lib.abstract(cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
     tree = checkpoints.restore_tree(step, target)
   finally:
     checkpoints.close()
-  model = opt_lib.merge_trainable(graphdef, tree, rest)
+  model = model_lib.merge_trainable(graphdef, tree, rest)
   return cfg, model, str(directory / str(step))
 
 

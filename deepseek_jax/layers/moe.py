@@ -5,7 +5,7 @@ its rows (`grouped_matmul.expert_swiglu`); combine scatters the rows back and su
 gates. No token is dropped and no expert computes on tokens it was not given.
 
 Under `jax.set_mesh(mesh)` with experts split over more than one device ('expert' x 'plane' > 1)
-the routed experts run expert-parallel (`deepseek_jax.expert_parallel.moe_ep`); the router, the
+the routed experts run expert-parallel (`deepseek_jax.layers.expert_parallel.moe_ep`); the router, the
 shared experts and the statistics stay outside shard_map, auto-sharded by jit.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import expert_parallel
+from deepseek_jax.layers import expert_parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import grouped_matmul, param, router
 from deepseek_jax.layers.ffn import SwiGLU

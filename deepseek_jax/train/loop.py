@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 from deepseek_jax import model as model_lib
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train import checkpoint as ckpt_lib
-from deepseek_jax.train import data as data_lib
+from deepseek_jax import checkpoint as ckpt_lib
+from deepseek_jax.data import pipeline as data_lib
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import report
 from deepseek_jax.train import step as step_lib
@@ -180,7 +180,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   abstract_state, abstract_rest = jax.eval_shape(init)
   shardings = sharding.train_state_shardings(abstract_state, mesh, table)
   rest_shardings = sharding.variable_shardings(abstract_rest, mesh, table)
-  graphdef = opt_lib.split_trainable(model_lib.abstract(cfg))[0]
+  graphdef = model_lib.split_trainable(model_lib.abstract(cfg))[0]
   checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', t.keep_checkpoints)
   meta = {'model': cfg.to_dict()}  # not the mesh: a checkpoint restores onto any mesh
   start = checkpoints.latest_step()
@@ -274,7 +274,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     if process_count > 1:  # the sample runs in process 0 alone, on its first device
       tree, rest = sharding.to_host(tree), sharding.to_host(rest)
     if lead:
-      model = opt_lib.merge_trainable(graphdef, tree, rest)
+      model = model_lib.merge_trainable(graphdef, tree, rest)
       last['sample'] = report.sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens)
       report.plot(log.rows, log.loads, workdir / 'training.png')
       (workdir / 'sample.txt').write_text(last['sample'])

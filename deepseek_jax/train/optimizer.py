@@ -1,7 +1,7 @@
 """The optimizer: AdamW on the parameters, the aux-loss-free bias update on the router biases.
 
 The trainable tree is `{'params': State[nnx.Param], 'router_bias': State[RouterBias]}`
-(`split_trainable`). `optax.partition` routes its two subtrees:
+(`model.split_trainable`). `optax.partition` routes its two subtrees:
 - 'adamw': global-norm clipping, Adam (moments optionally in BF16, V3 §3.3), decoupled weight decay
   on matrices only, and the warm-up + cosine learning-rate schedule;
 - 'bias': the aux-loss-free balancing of V3 §2.1.2, b_i -= gamma * sign(load_i - mean load), which
@@ -24,7 +24,6 @@ import optax
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers.param import RouterBias
 
 LABELS = {'params': 'adamw', 'router_bias': 'bias'}  # a prefix of the trainable tree
 
@@ -48,20 +47,6 @@ def default_train_fields() -> dict[str, Any]:
       mtp_weight_late=0.1,
       mtp_weight_switch_step=-1,   # step from which mtp_weight_late applies; -1: constant
   )
-
-
-# ---- the trainable tree ----------------------------------------------------------------------
-
-def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, nnx.State], nnx.State]:
-  """model -> (graphdef, {'params': Param state, 'router_bias': RouterBias state}, rest)."""
-  graphdef, params, router_bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
-  return graphdef, {'params': params, 'router_bias': router_bias}, rest
-
-
-def merge_trainable(graphdef: nnx.GraphDef, tree: dict[str, nnx.State],
-                    rest: nnx.State) -> nnx.Module:
-  """The inverse of `split_trainable`."""
-  return nnx.merge(graphdef, tree['params'], tree['router_bias'], rest)
 
 
 def bias_loads(router_bias_state: nnx.State, expert_load: jax.Array, cfg: ModelConfig) -> nnx.State:

@@ -39,7 +39,7 @@ def initializer(cfg: ModelConfig, seed: int,
   `jax.jit(init, out_shardings=...)()` creates it directly sharded."""
 
   def init():
-    _, tree, rest = opt_lib.split_trainable(model_lib.create(cfg, seed))
+    _, tree, rest = model_lib.split_trainable(model_lib.create(cfg, seed))
     return init_state(tree, tx), rest
 
   return init
@@ -52,7 +52,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train, tree: dict, b
   mask = jnp.ones(batch['targets'].shape, jnp.float32)  # packed windows: every target is real
 
   def loss_fn(params):
-    model = opt_lib.merge_trainable(graphdef, {'params': params,
+    model = model_lib.merge_trainable(graphdef, {'params': params,
                                                'router_bias': tree['router_bias']}, rest)
     output = model(batch['inputs'])
     loss, metrics = loss_lib.total_loss(output, batch['targets'], mask, step, train)
@@ -96,7 +96,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, tree_shardings=None,
   (replicated when given the shardings of the tree and the batch)."""
 
   def step(tree, batch, bytes_per_token):
-    model = opt_lib.merge_trainable(graphdef, tree, rest)
+    model = model_lib.merge_trainable(graphdef, tree, rest)
     logits = model(batch['inputs']).logits
     mask = jnp.ones(batch['targets'].shape, jnp.float32)
     nats, tokens = loss_lib.cross_entropy(logits, batch['targets'], mask)

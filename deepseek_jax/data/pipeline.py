@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from deepseek_jax.train import tokenizer as tokenizer_lib
+from deepseek_jax.data import tokenizer as tokenizer_lib
 
 Document = tuple[str, str]  # (name, text)
 

@@ -41,7 +41,7 @@ def _batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int) -> dict[str, n
 
 def ours_tokens_per_s(cfg: ModelConfig, train, batch: int, seq_len: int, steps: int) -> float:
   """Tokens/s of the full jitted train step (forward, backward, AdamW, bias update)."""
-  graphdef, tree, rest = opt_lib.split_trainable(model_lib.create(cfg, 0))
+  graphdef, tree, rest = model_lib.split_trainable(model_lib.create(cfg, 0))
   tx = opt_lib.make_optimizer(train)
   state = step_lib.init_state(tree, tx)
   train_step = step_lib.make_train_step(graphdef, rest, cfg, train, tx)
