@@ -3,18 +3,17 @@ per-position loop), the lambda schedule, the alpha balance term (eqs. 17-20, 25)
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from deepseek_jax.model import ModelOutput
 from deepseek_jax.train import loss as loss_lib
-from deepseek_jax.train.optimizer import default_train_fields
+from deepseek_jax.train.config import TrainConfig
 
 B, T, V, D = 2, 6, 5, 3
 
 
-def train_cfg(**changes) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({**default_train_fields(), **changes})
+def train_cfg(**changes) -> TrainConfig:
+  return TrainConfig(**changes)
 
 
 def output(logits, mtp_logits, expert_load=None, seq_balance_loss=None) -> ModelOutput:

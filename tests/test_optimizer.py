@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,6 +15,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.param import RouterBias
 from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train.config import TrainConfig
 
 E = 4
 CFG = ModelConfig(vocab_size=16, hidden_size=8, num_layers=3, num_heads=2, qk_nope_head_dim=4,
@@ -29,10 +29,9 @@ BIAS_PATHS = [('layers', 1, 'ffn', 'router_bias'), ('layers', 2, 'ffn', 'router_
               ('mtp', 0, 'block', 'ffn', 'router_bias')]
 
 
-def train_cfg(**changes) -> ml_collections.ConfigDict:
-  base = dict(opt.default_train_fields(), learning_rate=1e-2, steps=100, warmup_steps=0,
-              bias_gamma=GAMMA)
-  return ml_collections.ConfigDict({**base, **changes})
+def train_cfg(**changes) -> TrainConfig:
+  return TrainConfig(**{**dict(learning_rate=1e-2, steps=100, warmup_steps=0, bias_gamma=GAMMA),
+                        **changes})
 
 
 @pytest.fixture(scope='module')
@@ -222,8 +221,8 @@ def test_schedule_values():
                                                    min_lr_ratio=0.5))
   np.testing.assert_allclose([no_warmup(0), no_warmup(5), no_warmup(10)], [2.0, 1.5, 1.0],
                              rtol=1e-6)
-  with pytest.raises(ValueError, match='warmup_steps'):
-    opt.learning_rate_schedule(train_cfg(warmup_steps=100, steps=100))
+  with pytest.raises(ValueError, match=r'TrainConfig\.warmup_steps=100: must lie in \[0, '):
+    train_cfg(warmup_steps=100, steps=100)
 
 
 def _small_tree():

@@ -16,7 +16,6 @@ import dataclasses
 import math
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh
 
@@ -24,6 +23,7 @@ from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _shard_bytes(tree, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
-def abstract_train_state(cfg: ModelConfig, train: ml_collections.ConfigDict):
+def abstract_train_state(cfg: ModelConfig, train: TrainConfig):
   """The train state's ShapeDtypeStructs (inside its nnx Variables, which carry the names), from
   the training loop's own initializer."""
   return jax.eval_shape(step_lib.initializer(cfg, 0, opt_lib.make_optimizer(train)))[0]
@@ -56,9 +56,7 @@ def per_device(cfg: ModelConfig, mesh: tuple[int, int, int], fsdp: bool,
   """Bytes of the train state on one device of a data x expert x plane mesh. AdamW moments in
   BF16 by default (V3 §3.3's recipe), FP32 otherwise."""
   sharding.mesh_shape(*mesh, num_devices=math.prod(mesh))
-  train = ml_collections.ConfigDict(opt_lib.default_train_fields())
-  train.update(bf16_moments=bf16_moments, learning_rate=1e-4, steps=1000)  # no effect on shapes
-  state = abstract_train_state(cfg, train)
+  state = abstract_train_state(cfg, TrainConfig(bf16_moments=bf16_moments))  # the rest: no shapes
   abstract_mesh = AbstractMesh(mesh, sharding.AXES)
   # the loop's layout checks (groups onto nodes, experts over expert x plane, FSDP's split),
   # with the smallest batch the mesh takes

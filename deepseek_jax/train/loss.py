@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.model import ModelOutput
 from deepseek_jax.train import optimizer
+from deepseek_jax.train.config import TrainConfig
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -33,7 +34,7 @@ def shift_left(x: jax.Array, k: int) -> jax.Array:
   return jnp.concatenate([x[:, k:], jnp.zeros_like(x[:, :k])], axis=1)
 
 
-def mtp_weight(step: jax.Array | int, train) -> jax.Array:
+def mtp_weight(step: jax.Array | int, train: TrainConfig) -> jax.Array:
   """lambda: `mtp_weight`, or `mtp_weight_late` from `mtp_weight_switch_step` on (V3 §4.2:
   0.3 for the first 10T tokens, 0.1 after). `step` may be traced."""
   return optimizer.switched_schedule(train.mtp_weight, train.mtp_weight_late,
@@ -51,7 +52,7 @@ def max_violation(expert_load: jax.Array) -> jax.Array:
 
 
 def total_loss(output: ModelOutput, targets: jax.Array, mask: jax.Array, step: jax.Array | int,
-               train) -> tuple[jax.Array, dict[str, jax.Array]]:
+               train: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The scalar training loss and a flat dict of float32 scalar metrics.
 
   targets [B, T] are the next tokens (targets[:, i] = token i+1), mask [B, T] marks real ones.

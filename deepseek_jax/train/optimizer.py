@@ -16,37 +16,15 @@ In a train step:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train.config import TrainConfig
 
 LABELS = {'params': 'adamw', 'router_bias': 'bias'}  # a prefix of the trainable tree
-
-
-def default_train_fields() -> dict[str, Any]:
-  """The `train.*` fields this module and `loss.py` read, with their defaults."""
-  return dict(
-      warmup_steps=100,
-      min_lr_ratio=0.1,            # cosine decays to learning_rate * min_lr_ratio at `steps`
-      weight_decay=0.1,            # V3 §4.2
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      grad_clip=1.0,               # global norm over the parameters' gradients
-      bf16_moments=False,          # AdamW mu and nu in bfloat16 (V3 §3.3)
-      bias_gamma=1e-3,             # aux-loss-free bias update speed (V3 §2.1.2)
-      bias_gamma_late=0.0,         # gamma from bias_gamma_switch_step on (V3 §4.2 ends with 0)
-      bias_gamma_switch_step=-1,   # -1: bias_gamma throughout
-      bal_alpha=1e-4,              # sequence-wise balance loss weight (eq. 17)
-      mtp_weight=0.3,              # lambda of eq. 25
-      mtp_weight_late=0.1,
-      mtp_weight_switch_step=-1,   # step from which mtp_weight_late applies; -1: constant
-  )
 
 
 def bias_loads(router_bias_state: nnx.State, expert_load: jax.Array, cfg: ModelConfig) -> nnx.State:
@@ -90,7 +68,7 @@ def switched_schedule(early: float, late: float, switch_step: int) -> optax.Sche
                                 jnp.float32(late))
 
 
-def bias_gamma_schedule(train) -> optax.Schedule:
+def bias_gamma_schedule(train: TrainConfig) -> optax.Schedule:
   """gamma per update: `bias_gamma`, then `bias_gamma_late` from update `bias_gamma_switch_step`
   on (V3 §4.2 keeps 0.001 for 14.3T tokens and 0 for the last 500B, letting routing settle)."""
   return switched_schedule(train.bias_gamma, train.bias_gamma_late,
@@ -143,13 +121,11 @@ def aux_free_bias_update(gamma: float | optax.Schedule) -> optax.GradientTransfo
 
 # ---- AdamW -----------------------------------------------------------------------------------
 
-def learning_rate_schedule(train) -> optax.Schedule:
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
   """Linear warm-up from 0 to learning_rate, then cosine down to learning_rate * min_lr_ratio
-  at step `steps` (constant after). Indexed by the optimizer's update count, starting at 0."""
+  at step `steps` (constant after). Indexed by the optimizer's update count, starting at 0.
+  (TrainConfig checks 0 <= warmup_steps < steps.)"""
   peak, end = train.learning_rate, train.learning_rate * train.min_lr_ratio
-  if not 0 <= train.warmup_steps < train.steps:
-    raise ValueError(f'train.warmup_steps={train.warmup_steps} must lie in '
-                     f'[0, train.steps={train.steps})')
   if train.warmup_steps == 0:
     return optax.cosine_decay_schedule(peak, train.steps, alpha=train.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(0.0, peak, train.warmup_steps, train.steps, end)
@@ -183,18 +159,19 @@ def _scale_by_adam(b1: float, b2: float, eps: float, bf16: bool) -> optax.Gradie
   return optax.GradientTransformation(init_fn, adam.update)
 
 
-def adamw(train) -> optax.GradientTransformationExtraArgs:
-  """optax.adamw with global-norm clipping first and the BF16-moment option."""
+def adamw(train: TrainConfig) -> optax.GradientTransformationExtraArgs:
+  """optax.adamw with global-norm clipping first and the BF16-moment option (an unresolved
+  `bf16_moments=None` is FP32 here: `train.config.resolve` gives it its precision rule)."""
   parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
   parts += [
-      _scale_by_adam(train.b1, train.b2, train.eps, train.bf16_moments),
+      _scale_by_adam(train.b1, train.b2, train.eps, bool(train.bf16_moments)),
       optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(learning_rate_schedule(train)),
   ]
   return optax.chain(*parts)
 
 
-def make_optimizer(train) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformationExtraArgs:
   """AdamW on tree['params'], the aux-loss-free update on tree['router_bias'].
 
   `optax.partition` hands every extra argument to both branches: AdamW ignores `expert_load`, the

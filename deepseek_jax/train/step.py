@@ -25,6 +25,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import loss as loss_lib
 from deepseek_jax.train import optimizer as opt_lib
+from deepseek_jax.train.config import TrainConfig
 
 
 def init_state(tree: dict, tx: optax.GradientTransformation) -> dict:
@@ -45,7 +46,8 @@ def initializer(cfg: ModelConfig, seed: int,
   return init
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train, tree: dict, batch: dict,
+def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train: TrainConfig, tree: dict,
+                   batch: dict,
                    step: jax.Array) -> tuple[tuple[jax.Array, tuple[dict, jax.Array]], nnx.State]:
   """((loss, (metrics, expert_load [M, E])), grads of the params) for one batch
   {'inputs', 'targets'}: int [B, T]; pure, for jit."""
@@ -61,7 +63,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train, tree: dict, b
   return jax.value_and_grad(loss_fn, has_aux=True)(tree['params'])
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ModelConfig, train,
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ModelConfig, train: TrainConfig,
                     tx: optax.GradientTransformationExtraArgs, state_shardings=None,
                     batch_sharding: NamedSharding | None = None):
   """A jitted `(state, batch) -> (state, (metrics, expert_load))`; the input state's buffers
