@@ -1,8 +1,10 @@
 """Orbax checkpoints of a training run: the train state (params, router biases, optimizer state,
 step), the data iterator's state and the model config, saved together, asynchronously.
 
-A checkpoint whose model config differs from the run's, or that cannot be read, is an error
-that names the directory and the problem; nothing in the workdir is ever deleted by a failure.
+A checkpoint whose model config differs from the run's in a field the parameters depend on, or
+that cannot be read, is an error that names the directory and the problem; nothing in the workdir
+is ever deleted by a failure. Implementation switches (`config.IMPLEMENTATION_FIELDS`: kernels,
+grouped matmul, activation dtype, precision) may change on resume.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from deepseek_jax.config import IMPLEMENTATION_FIELDS
 
 
 class Checkpoints:
@@ -47,7 +51,8 @@ class Checkpoints:
                        f'({type(e).__name__}: {e})') from e
 
   def restore(self, step: int, abstract_state: Any, meta: dict) -> tuple[Any, dict]:
-    """The state and data-iterator state saved at `step`; `meta` must match the saved one."""
+    """The state and data-iterator state saved at `step`; `meta['model']` must match the saved
+    one in every field but the implementation switches."""
     where = self.directory / str(step)
     saved_meta = self.read_meta(step)
     mismatch = _differences(saved_meta.get('model', {}), meta.get('model', {}))
@@ -87,7 +92,8 @@ class Checkpoints:
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
-  keys = sorted(set(saved) | set(wanted))
+  """The fields the parameters depend on that differ, one 'model.<field>: ...' each."""
+  keys = sorted((set(saved) | set(wanted)) - set(IMPLEMENTATION_FIELDS))
   return [f'model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}'
           for k in keys if saved.get(k) != wanted.get(k)]
 

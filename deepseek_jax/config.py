@@ -16,6 +16,10 @@ DTYPES = ('float32', 'bfloat16')
 MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
 PRECISIONS = ('bf16', 'fp8')
 KERNELS = ('auto', 'pallas', 'xla')
+# Fields that choose how the model computes, not what its parameters are (shapes, count, meaning
+# and the float32 masters are the same under each value): a checkpoint resumes across them.
+IMPLEMENTATION_FIELDS = ('dtype', 'moe_matmul', 'precision', 'mla_decode_kernel',
+                         'fp8_matmul_kernel')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from absl import app, flags
 
 from deepseek_jax import hostmem
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train.config import resolve
 from experiments import train_bench as bench
 from experiments.configs import tiny
 
@@ -28,12 +29,13 @@ LARGER = dict(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=768,
 def main(argv):
   del argv
   config = tiny.get_config()
+  train = resolve(config).train
   with_hf = _HF.value and all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
   peak = bench.peak_matmul_flops()
   for name, overrides in (('tiny', {}), ('tiny_larger', LARGER)):
     cfg = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
-    row = bench.compare(name, cfg, config.train, config.train.batch_size, config.train.seq_len,
-                        _STEPS.value, peak, with_hf)
+    row = bench.compare(name, cfg, train, train.batch_size, train.seq_len, _STEPS.value, peak,
+                        with_hf)
     print(json.dumps(row), flush=True)
 
 

@@ -7,8 +7,8 @@ that much (the README's control), so one pair of runs cannot tell an FP8 penalty
 drift: the comparison is made between the means over seeds, and the per-seed differences give
 its standard error.
 
-Both runs keep AdamW's moments in BF16, which the FP8 recipe prescribes (`loop.train` forces it
-under precision='fp8'), so the only difference between them is the precision of the GEMMs the
+Both runs keep AdamW's moments in BF16, which the FP8 recipe prescribes (`train.bf16_moments`
+resolves to it under precision='fp8'; here it is set for the BF16 run too), so the only difference between them is the precision of the GEMMs the
 policy covers: the comparison measures FP8 GEMMs, not the optimizer's storage format.
 """
 

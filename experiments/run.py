@@ -3,7 +3,10 @@
   python -m experiments.run [--config=experiments/configs/tiny.py] [--config.train.steps=100]
                             [--workdir=runs/tiny] [--config.mesh.expert=2 --config.mesh.plane=4]
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's latest checkpoint. A shorter run needs one
+override: `--config.train.steps=10` fits the config's warm-up to it and prints each field it
+changed (`deepseek_jax/train/config.py`); a `--config.train.*` value given here is never changed,
+so one that does not fit is an error naming it.
 
 Several processes (hosts, or CPU processes on one machine) run the same command, each with its
 own process id, and share the workdir (checkpoints are written by all, logs by process 0):
@@ -59,8 +62,10 @@ def main(argv):
   workdir = _WORKDIR.value or f'runs/{name}'
   import jax  # pylint: disable=import-outside-toplevel
   from deepseek_jax.train import loop  # pylint: disable=import-outside-toplevel  (after hostmem)
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  explicit = {name.split('.', 1)[1] for name in overrides if name.startswith('train.')}
   try:
-    result = loop.train(_CONFIG.value, workdir)
+    result = loop.train(_CONFIG.value, workdir, explicit)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   if jax.process_index() == 0:

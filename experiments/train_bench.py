@@ -19,6 +19,7 @@ from deepseek_jax.analysis import flops
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.config import TrainConfig
 
 
 def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
@@ -39,7 +40,8 @@ def _batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int) -> dict[str, n
   return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
 
 
-def ours_tokens_per_s(cfg: ModelConfig, train, batch: int, seq_len: int, steps: int) -> float:
+def ours_tokens_per_s(cfg: ModelConfig, train: TrainConfig, batch: int, seq_len: int,
+                      steps: int) -> float:
   """Tokens/s of the full jitted train step (forward, backward, AdamW, bias update)."""
   graphdef, tree, rest = model_lib.split_trainable(model_lib.create(cfg, 0))
   tx = opt_lib.make_optimizer(train)
@@ -82,7 +84,7 @@ def hf_tokens_per_s(cfg: ModelConfig, batch: int, seq_len: int, steps: int,
   return batch * seq_len * steps / (time.perf_counter() - start)
 
 
-def compare(name: str, cfg: ModelConfig, train, batch: int, seq_len: int, steps: int,
+def compare(name: str, cfg: ModelConfig, train: TrainConfig, batch: int, seq_len: int, steps: int,
             peak: float, with_hf: bool) -> dict:
   """One row: ours with and without MTP, MFU, and HF's tokens/s with the ratio."""
   row = {'name': name, 'batch': batch, 'seq_len': seq_len, 'peak_gflops': peak / 1e9}

@@ -5,6 +5,10 @@ the losses from there on equal an uninterrupted run's. Metrics are read one step
 never waits on the step it just dispatched); a non-finite loss stops the run with a message that
 names the step, before that step's state can be checkpointed. SIGTERM saves and exits cleanly.
 
+The run's ConfigDict becomes its typed `ModelConfig`, `TrainConfig` and `MeshConfig` once, in
+`train.config.resolve`, which also fits step-valued fields to the step count and resolves
+`bf16_moments`; each line it changed is printed.
+
 The run lives on the ('data', 'expert', 'plane') mesh of `config.mesh` (deepseek_jax/sharding.py):
 the train state is created in place with the shardings its logical axis names give, a checkpoint
 restores onto this run's mesh whatever mesh wrote it, and every step runs under
@@ -15,15 +19,15 @@ part in every step and checkpoint, and only process 0 prints and writes logs, pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Collection
 
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
@@ -36,6 +40,7 @@ from deepseek_jax.data import pipeline as data_lib
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import report
 from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.config import MeshConfig, RunConfig, resolve
 
 
 class _Preemption:
@@ -132,16 +137,20 @@ def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -
           'eval_bpb': data_lib.bits_per_byte(nats, num_bytes)}
 
 
-def mesh_from_config(config, cfg: ModelConfig,
-                     batch_size: int) -> tuple[jax.sharding.Mesh, tuple]:
-  """The run's mesh and rules table from `config.mesh` (all devices on `data` when absent),
-  checked against the model and the batch."""
-  mesh_cfg = config.get('mesh') or ml_collections.ConfigDict(
-      dict(data=-1, expert=1, plane=1, fsdp=False))
+def build_mesh(mesh_cfg: MeshConfig, cfg: ModelConfig,
+               batch_size: int) -> tuple[jax.sharding.Mesh, tuple]:
+  """The run's mesh and rules table, checked against the model and the batch."""
   mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.plane)
   sharding.check_mesh(mesh, batch_size, cfg.n_routed_experts, cfg.n_group,
                       cfg.hidden_size if mesh_cfg.fsdp else None)
   return mesh, sharding.rules(mesh_cfg.fsdp)
+
+
+def mesh_from_config(config, cfg: ModelConfig,
+                     batch_size: int) -> tuple[jax.sharding.Mesh, tuple]:
+  """`build_mesh` from a run ConfigDict's `mesh` section (MeshConfig's defaults when absent)."""
+  return build_mesh(MeshConfig.from_dict(config.mesh.to_dict() if config.get('mesh') else {}),
+                    cfg, batch_size)
 
 
 def prepare_data(config, workdir: pathlib.Path, vocab_size: int) -> data_lib.Data:
@@ -157,32 +166,38 @@ def prepare_data(config, workdir: pathlib.Path, vocab_size: int) -> data_lib.Dat
   return data
 
 
-def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains (or resumes) `config` in `workdir`; returns the last logged metrics and eval."""
-  workdir = pathlib.Path(workdir)
-  cfg = ModelConfig.from_dict(config.model.to_dict())
-  t = config.train
-  if cfg.precision == 'fp8' and not t.bf16_moments:
-    t = ml_collections.ConfigDict(t.to_dict())
-    t.bf16_moments = True  # V3 §3.3: the FP8 recipe keeps AdamW's moments in BF16
-  mesh, table = mesh_from_config(config, cfg, t.batch_size)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  lead = process_index == 0  # the one process that prints and writes files
-  workdir.mkdir(parents=True, exist_ok=True)
-  data = prepare_data(config, workdir, cfg.vocab_size)
-  iterator = data_lib.train_iterator(data.train_tokens, t.seq_len, t.batch_size, config.seed,
-                                     process_index, process_count)
-  eval_set = data_lib.eval_batches(data.heldout_tokens, t.seq_len, t.batch_size,
-                                   t.eval_batches, process_index, process_count)
+@dataclasses.dataclass
+class _Session:
+  """What a run builds before its first step: typed configs, mesh, data, state, compiled steps."""
+  run: RunConfig
+  workdir: pathlib.Path
+  lead: bool                     # process 0: prints and writes logs, plots and samples
+  mesh: jax.sharding.Mesh
+  data: data_lib.Data
+  iterator: Any                  # the training batches (grain iterator, checkpointed)
+  eval_set: list                 # held-out batches, on the mesh
+  bytes_per_token: jax.Array     # replicated, for bits per byte
+  checkpoints: ckpt_lib.Checkpoints
+  meta: dict                     # saved with every checkpoint, checked on restore
+  graphdef: Any
+  rest: Any                      # the model's non-trainable state
+  state: dict                    # the train state ({'tree', 'opt', 'step'}), on the mesh
+  start: int                     # the step the state is at
+  train_step: Any
+  eval_step: Any
 
-  tx = opt_lib.make_optimizer(t)
-  init = step_lib.initializer(cfg, config.seed, tx)
+
+def _restore_or_create(run: RunConfig, seed: int, mesh, table, checkpoints: ckpt_lib.Checkpoints,
+                       iterator, lead: bool):
+  """(graphdef, rest, state, start, shardings, tx): the latest checkpoint's state (and iterator
+  position) restored onto `mesh`, or a fresh state created in place on it."""
+  tx = opt_lib.make_optimizer(run.train)
+  init = step_lib.initializer(run.model, seed, tx)
   abstract_state, abstract_rest = jax.eval_shape(init)
   shardings = sharding.train_state_shardings(abstract_state, mesh, table)
   rest_shardings = sharding.variable_shardings(abstract_rest, mesh, table)
-  graphdef = model_lib.split_trainable(model_lib.abstract(cfg))[0]
-  checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', t.keep_checkpoints)
-  meta = {'model': cfg.to_dict()}  # not the mesh: a checkpoint restores onto any mesh
+  graphdef = model_lib.split_trainable(model_lib.abstract(run.model))[0]
+  meta = _meta(run)
   start = checkpoints.latest_step()
   if start is None:  # created in place on the mesh
     state, rest = jax.jit(init, out_shardings=(shardings, rest_shardings))()
@@ -193,89 +208,148 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     iterator.set_state(data_state)
     if lead:
       print(f'resumed from {checkpoints.directory / str(start)}')
-  start = start or 0
-  log = _MetricsLog(workdir, start, enabled=lead)
+  return graphdef, rest, state, start or 0, shardings, tx
+
+
+def _meta(run: RunConfig) -> dict:
+  return {'model': run.model.to_dict()}  # not the mesh: a checkpoint restores onto any mesh
+
+
+def start_session(config, workdir: str | pathlib.Path,
+                  explicit: Collection[str] = ()) -> _Session:
+  """Resolves the configs (printing what was fitted), builds the mesh, the data and the train
+  state (restored from the workdir's latest checkpoint if there is one) and the jitted steps."""
+  workdir = pathlib.Path(workdir)
+  run = resolve(config, explicit)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  lead = process_index == 0
+  if lead:
+    for note in run.notes:
+      print(note)
+  t = run.train
+  mesh, table = build_mesh(run.mesh, run.model, t.batch_size)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = prepare_data(config, workdir, run.model.vocab_size)
+  iterator = data_lib.train_iterator(data.train_tokens, t.seq_len, t.batch_size, config.seed,
+                                     process_index, process_count)
+  eval_set = data_lib.eval_batches(data.heldout_tokens, t.seq_len, t.batch_size,
+                                   t.eval_batches, process_index, process_count)
+  checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', t.keep_checkpoints)
+  graphdef, rest, state, start, shardings, tx = _restore_or_create(
+      run, config.seed, mesh, table, checkpoints, iterator, lead)
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = step_lib.make_train_step(graphdef, rest, cfg, t, tx, shardings, batch_sharding)
+  train_step = step_lib.make_train_step(graphdef, rest, run.model, t, tx, shardings,
+                                        batch_sharding)
   eval_step = step_lib.make_eval_step(graphdef, rest, shardings['tree'], batch_sharding)
   eval_set = [sharding.put_batch(batch, batch_sharding) for batch in eval_set]
   bytes_per_token = np.asarray(data.tokenizer.bytes_per_token, np.float32)
   bytes_per_token = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), bytes_per_token, bytes_per_token.shape)
-  tokens_per_step = t.batch_size * t.seq_len
+  return _Session(run, workdir, lead, mesh, data, iterator, eval_set, bytes_per_token,
+                  checkpoints, _meta(run), graphdef, rest, state, start, train_step, eval_step)
 
-  preemption = _Preemption()
-  pending = None  # (step, metrics, expert_load) dispatched but not read yet
-  last: dict[str, Any] = {}
-  clock, clock_step = time.perf_counter(), start
 
-  def check_finite(item) -> dict[str, float]:
+class _Reader:
+  """Reads a dispatched step's metrics (one step late): the non-finite check, tokens/s since the
+  last read, and the logging of the steps `log_every` selects."""
+
+  def __init__(self, s: _Session, log: _MetricsLog, last: dict):
+    self.train, self.checkpoints, self.log, self.last = s.run.train, s.checkpoints, log, last
+    self.clock, self.clock_step = time.perf_counter(), s.start
+
+  def check_finite(self, item) -> dict[str, float]:
     step, metrics, _ = item
     metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
       raise FloatingPointError(f'non-finite metrics at step {step}: {bad}; the last good '
-                               f'checkpoint is in {checkpoints.directory}')
+                               f'checkpoint is in {self.checkpoints.directory}')
     return metrics
 
-  def read(item) -> tuple[dict[str, Any], np.ndarray]:
-    nonlocal clock, clock_step
-    step, _, expert_load = item
-    metrics = check_finite(item)
-    now = time.perf_counter()
-    metrics['tokens_per_s'] = tokens_per_step * (step - clock_step) / max(now - clock, 1e-9)
-    clock, clock_step = now, step
-    return {'step': step, **metrics}, sharding.to_host(expert_load)
-
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
-                  disable=not lead)
-
-  def log_pending():
+  def log_pending(self, pending, bar) -> None:
     """Logs the dispatched step's metrics and expert load if it is a logging step."""
-    if pending is None or pending[0] % t.log_every:
+    if pending is None or pending[0] % self.train.log_every:
       return
-    row, load = read(pending)
-    log.write(row)
-    log.write_load(row['step'], load)
-    last.update(row)
+    step, _, expert_load = pending
+    metrics = self.check_finite(pending)
+    now = time.perf_counter()
+    tokens_per_step = self.train.batch_size * self.train.seq_len
+    metrics['tokens_per_s'] = (tokens_per_step * (step - self.clock_step)
+                               / max(now - self.clock, 1e-9))
+    self.clock, self.clock_step = now, step
+    row = {'step': step, **metrics}
+    self.log.write(row)
+    self.log.write_load(step, sharding.to_host(expert_load))
+    self.last.update(row)
     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
+
+def run_steps(s: _Session, log: _MetricsLog, last: dict) -> bool:
+  """Steps from `s.start` to `train.steps` (s.state follows), with evals, checkpoints and the
+  metrics of each step read one step late; returns whether SIGTERM stopped it (after a save)."""
+  t = s.run.train
+  reader = _Reader(s, log, last)
+  preemption = _Preemption()
+  pending = None  # (step, metrics, expert_load) dispatched but not read yet
+  bar = tqdm.tqdm(total=t.steps, initial=s.start, desc='train', unit='step', dynamic_ncols=True,
+                  disable=not s.lead)
   preempted = False
+  batch_sharding = sharding.batch_sharding(s.mesh)
   try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, t.steps + 1):
-        batch = sharding.put_batch(next(iterator), batch_sharding)
-        state, (metrics, expert_load) = train_step(state, batch)
-        log_pending()  # the previous step's metrics: reading them never waits on this step
+    with jax.set_mesh(s.mesh):
+      for step in range(s.start + 1, t.steps + 1):
+        batch = sharding.put_batch(next(s.iterator), batch_sharding)
+        s.state, (metrics, expert_load) = s.train_step(s.state, batch)
+        reader.log_pending(pending, bar)  # the previous step's: reading never waits on this one
         pending = (step, metrics, expert_load)
         bar.update(1)
         preempted = preemption.check(step)
         at_end = step == t.steps or preempted
         if step % t.eval_every == 0 or at_end:
-          row = {'step': step, **evaluate(eval_step, state['tree'], eval_set, bytes_per_token)}
+          row = {'step': step, **evaluate(s.eval_step, s.state['tree'], s.eval_set,
+                                          s.bytes_per_token)}
           log.write(row)
           last.update(row)
         if step % t.checkpoint_every == 0 or at_end:
-          check_finite(pending)  # never checkpoint a state whose loss is not finite
-          checkpoints.save(step, state, iterator.get_state(), meta)
+          reader.check_finite(pending)  # never checkpoint a state whose loss is not finite
+          s.checkpoints.save(step, s.state, s.iterator.get_state(), s.meta)
         if preempted:
-          if lead:
-            print(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
+          if s.lead:
+            print(f'SIGTERM: saved step {step} in {s.checkpoints.directory}; exiting')
           break
-      log_pending()
+      reader.log_pending(pending, bar)
   finally:
     bar.close()
-    checkpoints.wait()
-    checkpoints.close()
-    log.close()
+    s.checkpoints.wait()
+    s.checkpoints.close()
     preemption.restore()
+  return preempted
+
+
+def finish(s: _Session, log: _MetricsLog, last: dict) -> None:
+  """Process 0 writes the text sample (into `last` and sample.txt) and training.png."""
+  tree, rest = s.state['tree'], s.rest
+  if jax.process_count() > 1:  # the sample runs in process 0 alone, on its first device
+    tree, rest = sharding.to_host(tree), sharding.to_host(rest)
+  if s.lead:
+    t = s.run.train
+    model = model_lib.merge_trainable(s.graphdef, tree, rest)
+    last['sample'] = report.sample(model, s.data.tokenizer, t.sample_prompt, t.sample_tokens)
+    report.plot(log.rows, log.loads, s.workdir / 'training.png')
+    (s.workdir / 'sample.txt').write_text(last['sample'])
+
+
+def train(config, workdir: str | pathlib.Path,
+          explicit: Collection[str] = ()) -> dict[str, Any]:
+  """Trains (or resumes) `config` in `workdir`; returns the last logged metrics and eval.
+  `explicit`: the `train.*` fields given on the command line, which `resolve` never changes."""
+  session = start_session(config, workdir, explicit)
+  log = _MetricsLog(session.workdir, session.start, enabled=session.lead)
+  last: dict[str, Any] = {}
+  try:
+    preempted = run_steps(session, log, last)
+  finally:
+    log.close()
   if not preempted:
-    tree = state['tree']
-    if process_count > 1:  # the sample runs in process 0 alone, on its first device
-      tree, rest = sharding.to_host(tree), sharding.to_host(rest)
-    if lead:
-      model = model_lib.merge_trainable(graphdef, tree, rest)
-      last['sample'] = report.sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens)
-      report.plot(log.rows, log.loads, workdir / 'training.png')
-      (workdir / 'sample.txt').write_text(last['sample'])
+    finish(session, log, last)
   return last
