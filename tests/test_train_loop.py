@@ -1,10 +1,13 @@
 """The training loop end to end on a very small model: resume after kill -9 reproduces the
-uninterrupted run's losses exactly, SIGTERM leaves a restorable checkpoint, bad inputs fail with
-messages that name the path and the mismatch, and the workdir holds the promised outputs."""
+uninterrupted run's losses exactly, SIGTERM leaves a restorable checkpoint, a resume may change
+the implementation switches but not what the parameters depend on, `--config.train.steps=10`
+alone runs the tiny schedule fitted to 10 steps, bad inputs fail with messages that name the path
+and the mismatch, and the workdir holds the promised outputs."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,10 @@ import time
 
 import pytest
 
+from deepseek_jax import checkpoint as ckpt_lib
 from deepseek_jax.train import loop
+from deepseek_jax.train import optimizer as opt_lib
+from deepseek_jax.train.config import TrainConfig
 from experiments.configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,11 +60,11 @@ def config_file(tmp_path: pathlib.Path, steps: int) -> pathlib.Path:
   return path
 
 
-def start_run(config: pathlib.Path, workdir: pathlib.Path) -> subprocess.Popen:
+def start_run(config: pathlib.Path, workdir: pathlib.Path, *flags: str) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, '-m', 'experiments.run', f'--config={config}',
-                           f'--workdir={workdir}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                           f'--workdir={workdir}', *flags], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def train_rows(workdir: pathlib.Path) -> dict[int, dict]:
@@ -149,11 +155,77 @@ def test_checkpoint_of_another_model_config_is_refused(reference, tmp_path):
   config.model.n_routed_experts = 4
   config.model.n_group = 2
   config.model.topk_group = 1
+  config.model.moe_matmul = 'ragged_dot'  # an implementation switch: allowed, not named
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   with pytest.raises(ValueError, match=r'checkpoints/12 was written by a different model config.*'
-                                       r'n_routed_experts: checkpoint 8, config 4'):
+                                       r'n_routed_experts: checkpoint 8, config 4') as info:
     loop.train(config, workdir)
+  assert 'moe_matmul' not in str(info.value)
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before  # nothing deleted
+
+
+def test_resume_with_other_kernel_switches_continues_from_the_checkpoint(reference, tmp_path,
+                                                                        capsys):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'switched'
+  shutil.copytree(ref_dir, workdir)
+  config = small_config(13)
+  config.model.update(moe_matmul='ragged_dot', mla_decode_kernel='xla', fp8_matmul_kernel='xla')
+  result = loop.train(config, workdir)
+  assert f'resumed from {workdir / "checkpoints" / "12"}' in capsys.readouterr().out
+  assert result['step'] == 13
+  rows = train_rows(workdir)
+  assert sorted(rows) == list(range(1, 14))
+  assert {s: rows[s] for s in range(1, 13)} == train_rows(ref_dir)  # history kept as it was
+  checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', read_only=True)
+  assert checkpoints.latest_step() == 13
+  assert checkpoints.read_meta(13)['model']['moe_matmul'] == 'ragged_dot'  # the new run's config
+  checkpoints.close()
+
+
+TINY_SCHEDULE_FILE = f'''
+from experiments.configs import tiny
+
+def get_config():
+  config = tiny.get_config()  # tiny's schedule: warm-up 40, gamma switch at 360, log every 10
+  config.model.update({SMALL_MODEL!r})
+  config.train.update(batch_size=4, seq_len=32, eval_batches=1, sample_tokens=4)
+  config.data.tokenizer = 'byte'
+  config.mesh.data = 1
+  return config
+'''
+
+
+@pytest.mark.slow
+def test_one_steps_override_runs_the_schedule_fitted_to_it(tmp_path):
+  """`python -m experiments.run --config.train.steps=10`: the warm-up 40 becomes 1 and says so."""
+  config = tmp_path / 'tiny_schedule.py'
+  config.write_text(TINY_SCHEDULE_FILE)
+  workdir = tmp_path / 'run'
+  process = start_run(config, workdir, '--config.train.steps=10')
+  output, _ = process.communicate(timeout=240)
+  assert process.returncode == 0, output
+  assert 'train.warmup_steps: 40 -> 1 (must be below steps=10: 10% of the run)' in output
+  assert 'train.bias_gamma_switch_step=360 is not reached in steps=10' in output
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train] == [10]  # log_every 10
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [10]
+  schedule = opt_lib.learning_rate_schedule(TrainConfig(steps=10, warmup_steps=1,
+                                                        learning_rate=4e-3))
+  assert train[0]['lr'] == pytest.approx(float(schedule(9)), rel=1e-6)
+  assert committed_steps(workdir) == [10]
+
+
+def test_an_explicit_value_that_does_not_fit_is_named(tmp_path):
+  config = tmp_path / 'tiny_schedule.py'
+  config.write_text(TINY_SCHEDULE_FILE)
+  process = start_run(config, tmp_path / 'run', '--config.train.steps=10',
+                      '--config.train.warmup_steps=40')
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode != 0
+  assert 'TrainConfig.warmup_steps=40: must lie in [0, steps=10)' in output
+  assert not (tmp_path / 'run').exists()  # refused before anything is written
 
 
 def test_corrupt_checkpoint_names_the_path(reference, tmp_path):
