@@ -1,9 +1,12 @@
 """Plain-jnp references for the Pallas kernels: the semantics each kernel must reproduce.
 
 `mla_decode`: absorbed attention of Tq new queries per sequence over the latent cache, with
-FlashMLA's length convention. `fp8_matmul`: the block-scaled FP8 GEMM of `deepseek_jax.fp8`
-(one FP8 product per 128-wide K block, scaled and added to an FP32 sum). They are also the
+FlashMLA's length convention. `fp8_matmul`: the block-scaled FP8 GEMM (V3 report §3.3: one FP8
+product per 128-wide K block, scaled and added to an FP32 sum); `block_scaled_matmul` is its
+scan over K blocks, which `deepseek_jax.fp8` also runs as its 'jnp' GEMM. They are also the
 'xla' side of each kernel's switch where the model has no faster XLA path of its own.
+
+Dependencies point one way: `deepseek_jax` imports `kernels`, never the reverse.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.fp8.matmul import scaled_matmul
+BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
 
 
 def visible(lengths: jax.Array, num_queries: int) -> jax.Array:
@@ -58,5 +61,46 @@ def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
                b_scales: jax.Array, out_dtype=jnp.float32) -> jax.Array:
   """E4M3 a [M, K] with 1x128 scales [M, K/128] . E4M3 b [K, N] with 128x128 scales
   [K/128, N/128] -> [M, N] out_dtype: per 128-wide K block one FP8 product accumulated in FP32,
-  multiplied by both blocks' scales and added to an FP32 sum (V3 §3.3's promotion)."""
-  return scaled_matmul(a_values, a_scales, b_values, b_scales, impl='jnp').astype(out_dtype)
+  multiplied by both blocks' scales and added to an FP32 sum (V3 §3.3's promotion).
+  b_scales may also be [K/128, N] (128x1 tiles)."""
+  N = b_values.shape[1]
+  return block_scaled_matmul(a_values, per_line(a_scales, a_values.shape[0], axis=0), b_values,
+                             per_line(b_scales, N, axis=1)).astype(out_dtype)
+
+
+def block_scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
+                        w_scales: jax.Array, accumulate: str = 'float32') -> jax.Array:
+  """x_values [M, K], x_scales [M, Kb] (per row), w_values [K, N], w_scales [Kb, N] (per column)
+  -> float32 [M, N]: literally one FP8 GEMM per 128-wide K block, scaled and added in FP32.
+  accumulate='bfloat16' rounds the running sum to BF16 after every block (a stand-in for a
+  low-precision accumulator)."""
+  M, K = x_values.shape
+  N = w_values.shape[1]
+  Kb = x_scales.shape[1]
+  pad = Kb * BLOCK_K - K  # zero-padding K adds nothing to any product
+  x_blocks = jnp.pad(x_values, ((0, 0), (0, pad))).reshape(M, Kb, BLOCK_K).transpose(1, 0, 2)
+  w_blocks = jnp.pad(w_values, ((0, pad), (0, 0))).reshape(Kb, BLOCK_K, N)
+
+  def add_block(acc, block):
+    xb, wb, xs, ws = block  # [M, k], [k, N], [M], [N]
+    partial = jnp.einsum('Mk,kN->MN', xb, wb, preferred_element_type=jnp.float32)
+    acc = acc + partial * xs[:, None] * ws[None, :]  # promotion: scale in FP32, add in FP32
+    if accumulate == 'bfloat16':
+      acc = acc.astype(jnp.bfloat16).astype(jnp.float32)
+    return acc, None
+
+  acc, _ = jax.lax.scan(add_block, jnp.zeros((M, N), jnp.float32),
+                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, M, k], [b, k, N], ...
+  return acc
+
+
+def per_line(scales: jax.Array, size: int, axis: int) -> jax.Array:
+  """Scales along `axis` either per line (`size` of them) or per 128 lines: make them per line."""
+  n = scales.shape[axis]
+  if n == size:
+    return scales.astype(jnp.float32)
+  if n == -(-size // BLOCK_K):
+    repeated = jnp.repeat(scales, BLOCK_K, axis=axis, total_repeat_length=n * BLOCK_K)
+    return jax.lax.slice_in_dim(repeated, 0, size, axis=axis).astype(jnp.float32)
+  raise ValueError(f'scaled_matmul: {n} scales along axis {axis} fit neither {size} lines nor '
+                   f'blocks of {BLOCK_K}')

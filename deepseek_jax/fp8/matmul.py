@@ -38,6 +38,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import KERNELS  # the values of ModelConfig.fp8_matmul_kernel
 from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_blocks, quantize)
+from kernels import fp8_matmul as fp8_kernel
+from kernels import reference
 
 BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
 ACCUMULATE = ('float32', 'bfloat16')
@@ -184,39 +186,12 @@ def _scaled_matmul_pallas(x_values, x_scales, w_values, w_scales, accumulate):
   """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of a K block)."""
   if accumulate != 'float32':  # the kernel keeps its running sum in FP32 only
     return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
-  from kernels import fp8_matmul  # here, not at the top: kernels/ imports this module
-  return fp8_matmul.fp8_matmul(x_values, x_scales, w_values, w_scales)
+  return fp8_kernel.fp8_matmul(x_values, x_scales, w_values, w_scales)
 
 
 def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):
   """Reference: x_values [M, K], x_scales [M, Kb], w_values [K, N], w_scales [Kb, N]."""
-  M, K = x_values.shape
-  N = w_values.shape[1]
-  Kb = x_scales.shape[1]
-  pad = Kb * BLOCK_K - K  # zero-padding K adds nothing to any product
-  x_blocks = jnp.pad(x_values, ((0, 0), (0, pad))).reshape(M, Kb, BLOCK_K).transpose(1, 0, 2)
-  w_blocks = jnp.pad(w_values, ((0, pad), (0, 0))).reshape(Kb, BLOCK_K, N)
-
-  def add_block(acc, block):
-    xb, wb, xs, ws = block  # [M, k], [k, N], [M], [N]
-    partial = jnp.einsum('Mk,kN->MN', xb, wb, preferred_element_type=jnp.float32)
-    acc = acc + partial * xs[:, None] * ws[None, :]  # promotion: scale in FP32, add in FP32
-    if accumulate == 'bfloat16':
-      acc = acc.astype(jnp.bfloat16).astype(jnp.float32)
-    return acc, None
-
-  acc, _ = jax.lax.scan(add_block, jnp.zeros((M, N), jnp.float32),
-                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, M, k], [b, k, N], ...
-  return acc
+  return reference.block_scaled_matmul(x_values, x_scales, w_values, w_scales, accumulate)
 
 
-def _per_line(scales: jax.Array, size: int, axis: int) -> jax.Array:
-  """Scales along `axis` either per line (`size` of them) or per 128 lines: make them per line."""
-  n = scales.shape[axis]
-  if n == size:
-    return scales.astype(jnp.float32)
-  if n == num_blocks(size, BLOCK_K):
-    repeated = jnp.repeat(scales, BLOCK_K, axis=axis, total_repeat_length=n * BLOCK_K)
-    return jax.lax.slice_in_dim(repeated, 0, size, axis=axis).astype(jnp.float32)
-  raise ValueError(f'scaled_matmul: {n} scales along axis {axis} fit neither {size} lines nor '
-                   f'blocks of {BLOCK_K}')
+_per_line = reference.per_line  # scales per line or per 128 lines -> per line
