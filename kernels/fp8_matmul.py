@@ -1,4 +1,6 @@
-"""Block-scaled FP8 GEMM as a Pallas kernel (V3 report §3.3): `fp8_matmul(a, a_s, b, b_s)`.
+"""Block-scaled FP8 GEMM as a Pallas kernel (V3 report §3.3): `fp8_matmul(a, a_s, b, b_s)`, which
+runs this module's Triton-layout kernel on GPUs (and, interpreted, on CPU) and
+`kernels/fp8_matmul_tpu.py`'s Mosaic-layout kernel on TPUs (`backend`, `kernels.platform`).
 
 Letters are GEMM-local, as in `deepseek_jax.fp8.matmul`: M rows, K contraction, N columns,
 Kb = ceil(K / 128) K blocks.
@@ -21,16 +23,17 @@ contiguous row of each scale array. M, N and K that are not multiples of the til
 zero-padded in the wrapper (zero values add nothing, whatever the padded scales) and the output
 is sliced back, so the kernel itself sees only static, power-of-two tile shapes.
 
-What was run: interpret mode on CPU only (tests/test_kernels_fp8.py, against the plain-jnp
-reference `kernels/reference.py::fp8_matmul` and a float64 numpy sum). What was not: no
-lowering through Pallas Triton, Mosaic GPU or Mosaic TPU has been run, so neither compilation nor
-speed on an H100/H200 is verified. The kernel keeps to what the Triton lowering takes: every
-loaded array has a power-of-two size (block_m, block_n >= 16 powers of two, 128-wide K steps,
-scale rows of block_m / block_n), the loop bound is static, and the dot is a 2-D FP8 x FP8 dot
-with FP32 result (Triton lowers it to FP8 MMA/WGMMA on compute capability >= 8.9). Pallas emits
-the dot with Triton's default `max_num_imprecise_acc` = 0, i.e. the tensor cores' own
-accumulator over the 128-wide step, which is what the report describes; the FP32 promotion is
-the explicit add per step.
+What was run: interpret mode on CPU (tests/test_kernels_fp8.py, against the plain-jnp
+reference `kernels/reference.py::fp8_matmul` and a float64 numpy sum) and lowering for CUDA
+through Pallas Triton at V3's shapes (tests/test_kernels_lowering.py; Triton's compiler
+parameters are always passed, as JAX 0.10 sends a GPU pallas_call without them to Mosaic GPU).
+No PTX was built and nothing ran on an H100/H200. The kernel keeps to what the Triton lowering
+takes: every loaded array has a power-of-two size (block_m, block_n >= 16 powers of two, 128-wide
+K steps, scale rows of block_m / block_n), the loop bound is static, and the dot is a 2-D FP8 x
+FP8 dot with FP32 result (Triton lowers it to FP8 MMA/WGMMA on compute capability >= 8.9).
+Pallas emits the dot with Triton's default `max_num_imprecise_acc` = 0, i.e. the tensor cores'
+own accumulator over the 128-wide step, which is what the report describes; the FP32 promotion
+is the explicit add per step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels import fp8_matmul_tpu, platform
 
 FP8 = jnp.float8_e4m3fn
 BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
@@ -47,50 +53,65 @@ OUT_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
-               b_scales: jax.Array, out_dtype=jnp.float32, *, block_m: int | None = None,
-               block_n: int = 128, interpret: bool | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+               b_scales: jax.Array, out_dtype=jnp.float32, *, backend: str | None = None,
+               block_m: int | None = None, block_n: int | None = None,
+               block_k: int | None = None, interpret: bool | None = None,
+               num_warps: int | None = None, num_stages: int | None = None,
+               native_fp8: bool | None = None) -> jax.Array:
   """E4M3 a [M, K] . E4M3 b [K, N] -> [M, N] out_dtype (float32 or bfloat16), block-scaled.
 
   a_scales [M, ceil(K/128)]; b_scales [ceil(K/128), ceil(N/128)] (128x128 blocks) or
-  [ceil(K/128), N] (one per column of each K block); both float32. `block_m` (None: the
-  smallest power of two >= M, clipped to [16, 64]) and `block_n` are the output tile, powers of
-  two >= 16. `interpret=None` runs in interpret mode exactly when the default backend is CPU.
-  `num_warps` / `num_stages` go to the Triton compiler (GPU only; None: Pallas' defaults).
+  [ceil(K/128), N] (one per column of each K block); both float32.
+  backend: 'triton' (this module's kernel), 'mosaic_tpu' (`kernels/fp8_matmul_tpu.py`) or None,
+  picked by the platform being lowered for (Mosaic on TPU, Triton elsewhere; `kernels.platform`).
+  interpret: None compiles, except on CPU, where it runs in interpret mode (the generic
+  interpreter for Triton, Pallas' TPU interpret mode for Mosaic); True / False force it.
+  Tiles: Triton takes block_m (None: the smallest power of two >= M, clipped to [16, 64]) and
+  block_n (None: 128), powers of two >= 16, and `num_warps` / `num_stages` (None: Pallas'
+  defaults); Mosaic takes block_m (a multiple of 32), block_n and block_k (multiples of 128;
+  defaults in `fp8_matmul_tpu.block_sizes`) and `native_fp8` (None: on a TPU7x host).
   All arguments but the arrays are static: jit with them fixed, e.g.
   `jax.jit(functools.partial(fp8_matmul, block_m=64, block_n=128))`.
   """
   M, K, N, b_per_block = _check(a_values, a_scales, b_values, b_scales, out_dtype)
+  platform.check_backend(backend, 'fp8_matmul')
+  if backend != 'mosaic_tpu':
+    _triton_blocks(M, block_m, block_n)  # fail early, naming the tile
+  if backend != 'triton':
+    fp8_matmul_tpu.block_sizes(M, N, K, block_m, block_n, block_k)
+  if b_per_block:  # 128x128 blocks -> per column, exact: each scale repeated over its columns
+    b_scales = jnp.repeat(b_scales, BLOCK_K, axis=1)[:, :N]
+  args = (a_values, a_scales, b_values, b_scales, jnp.dtype(out_dtype))
+  triton = functools.partial(_triton, *args, block_m=block_m, block_n=block_n,
+                             num_warps=num_warps, num_stages=num_stages)
+  mosaic = functools.partial(fp8_matmul_tpu.matmul, *args, block_m=block_m, block_n=block_n,
+                             block_k=block_k, native_fp8=native_fp8)
+  return platform.dispatch(backend, interpret, triton, mosaic)
+
+
+def _triton_blocks(M: int, block_m: int | None, block_n: int | None) -> tuple[int, int]:
   block_m = _default_block_m(M) if block_m is None else block_m
+  block_n = 128 if block_n is None else block_n
   for name, size in (('block_m', block_m), ('block_n', block_n)):
     if size < 16 or size & (size - 1):
       raise ValueError(f'fp8_matmul: {name}={size} must be a power of two >= 16')
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+  return block_m, block_n
+
+
+def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block_n, num_warps,
+            num_stages, interpret):
+  """This module's kernel on padded tiles: a [Mp, Kp], a_scales^T [Kb, Mp], b [Kp, Np],
+  b_scales [Kb, Np] (per column)."""
+  M, K = a_values.shape
+  N = b_values.shape[1]
+  block_m, block_n = _triton_blocks(M, block_m, block_n)
   Kb = -(-K // BLOCK_K)
-  if b_per_block:  # 128x128 blocks -> per column, exact: each scale repeated over its columns
-    b_scales = jnp.repeat(b_scales, BLOCK_K, axis=1)[:, :N]
   Mp, Np, Kp = _round_up(M, block_m), _round_up(N, block_n), Kb * BLOCK_K
   a_values = _pad_to(a_values, (Mp, Kp))
   b_values = _pad_to(b_values, (Kp, Np))
   a_scales = _pad_to(a_scales.T, (Kb, Mp))  # [Kb, M]: step b reads one contiguous row
   b_scales = _pad_to(b_scales, (Kb, Np))
-  out = _pallas_fp8_matmul(a_values, a_scales, b_values, b_scales, jnp.dtype(out_dtype),
-                           block_m, block_n, interpret, num_warps, num_stages)
-  return out[:M, :N] if (Mp, Np) != (M, N) else out
-
-
-def _pallas_fp8_matmul(a_values, a_scales, b_values, b_scales, out_dtype, block_m, block_n,
-                       interpret, num_warps, num_stages):
-  """Padded operands: a [Mp, Kp], a_scales [Kb, Mp], b [Kp, Np], b_scales [Kb, Np]."""
-  Mp, Kp = a_values.shape
-  Np = b_values.shape[1]
-  Kb = Kp // BLOCK_K
-  compiler_params = None
-  if not interpret and (num_warps is not None or num_stages is not None):
-    from jax.experimental.pallas import triton as pl_triton  # GPU-only knobs
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  return pl.pallas_call(
+  out = pl.pallas_call(
       functools.partial(_kernel, num_k_blocks=Kb),
       out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
       grid=(Mp // block_m, Np // block_n),
@@ -102,9 +123,13 @@ def _pallas_fp8_matmul(a_values, a_scales, b_values, b_scales, out_dtype, block_
       ],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       interpret=interpret,
-      compiler_params=compiler_params,
+      # Explicitly Triton: since JAX 0.10 a GPU pallas_call without compiler parameters is
+      # lowered by Mosaic GPU, for which this kernel was not written.
+      compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=num_warps,
+                                                                      num_stages=num_stages),
       name='fp8_matmul',
   )(a_values, a_scales, b_values, b_scales)
+  return out[:M, :N] if (Mp, Np) != (M, N) else out
 
 
 def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, *, num_k_blocks):

@@ -1,4 +1,6 @@
-"""Latent-attention decode as a Pallas kernel (FlashMLA-style, flash-decoding split over the cache).
+"""Latent-attention decode as a Pallas kernel (FlashMLA-style, flash-decoding split over the cache):
+`mla_decode`, which runs this module's Triton-layout kernel on GPUs (and, interpreted, on CPU)
+and `kernels/mla_decode_tpu.py`'s Mosaic-layout kernel on TPUs (`backend`, `kernels.platform`).
 
 Semantics are `kernels.reference.mla_decode`'s: absorbed queries q_latent [B, Tq, N, C] and
 q_rope [B, Tq, N, R] against the latent cache c_kv [B, S, C] and the shared rope key k_rope
@@ -18,14 +20,17 @@ o = 0 and lse = -inf.
 The cache's BlockSpecs cover a whole chunk and the loop slices it with `pl.ds` (the layout of
 Pallas' Triton kernels), so nothing beyond `lengths[b]` is read on a GPU. Triton needs
 power-of-two tile shapes and dot dimensions of at least 16: `check` enforces that for C and R
-under the 'pallas' switch on every backend, so the CPU tests exercise what a GPU would run.
+under the 'pallas' switch (and for backend None, which traces both kernels), so the CPU tests
+exercise what a GPU would run. The call passes Triton's compiler parameters explicitly: JAX 0.10
+lowers a GPU pallas_call without them through Mosaic GPU.
 
 Paged cache (`block_table`, vLLM / FlashMLA style, page size 64 by default): the caches are
 pools of pages and a block table per sequence lists its pages; the loop step is one page, read
 through the table, and everything else is the same kernel.
 
-What ran: interpret mode on CPU only (tests/test_kernels_mla.py, the decode tests). No session
-has had a GPU yet, so the Triton lowering and its speed are untested (`bench_kernels`).
+What ran: interpret mode on CPU (tests/test_kernels_mla.py) and lowering for CUDA through Triton
+(tests/test_kernels_lowering.py: the module holds the Triton call). No session has had a GPU,
+so no PTX was built and the speed is unknown (`bench_kernels`).
 """
 
 from __future__ import annotations
@@ -35,24 +40,47 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels import mla_decode_tpu, platform
 
 KERNEL_CHOICES = ('auto', 'pallas', 'xla')
+BACKENDS = platform.BACKENDS
 BLOCK_S = 64  # cache slots per loop step (FlashMLA's block); caches for the kernel align to it
 MAX_AUTO_QUERIES = 2  # 'auto' runs the kernel for decode (Tq = 1) and MTP verify (Tq = 2) only
 
 
-def check(num_latent: int, num_rope: int) -> None:
-  """The shapes the kernel takes: C and R powers of two, at least 16 (Triton tiles and dots)."""
+def check(num_latent: int, num_rope: int, backend: str | None = 'triton') -> None:
+  """The shapes a backend's kernel takes. Triton: C and R powers of two, at least 16 (its tile
+  shapes and dots). Mosaic TPU: any (C and R are whole in every block). None: both, as the
+  platform picks the kernel at lowering time."""
+  platform.check_backend(backend, 'mla_decode')
+  if backend == 'mosaic_tpu':
+    return
   for name, size in (('kv_lora_rank C', num_latent), ('qk_rope_head_dim R', num_rope)):
     if size < 16 or size & (size - 1):
       raise ValueError(f'mla_decode kernel: {name}={size} must be a power of two >= 16 (Triton '
                        "tile shapes); use mla_decode_kernel='xla' for this model")
 
 
+def supported(num_queries: int, num_latent: int, num_rope: int, backend: str | None) -> bool:
+  """Whether 'auto' should send a call with these shapes to `backend`'s kernel: the kernel takes
+  them (`check`) and Tq <= MAX_AUTO_QUERIES (decode and the MTP verify step)."""
+  if num_queries > MAX_AUTO_QUERIES:
+    return False
+  try:
+    check(num_latent, num_rope, backend)
+  except ValueError:
+    return False
+  return True
+
+
 def use_kernel(choice: str, num_queries: int, num_latent: int, num_rope: int) -> bool:
   """Whether the `mla_decode_kernel` switch sends a call to the kernel: 'xla' never, 'pallas'
-  always (raising if the shapes do not fit), 'auto' on a GPU for Tq <= 2 when the shapes fit.
-  TPU stays on XLA under 'auto': the kernel's layout is Triton's and has not run on a TPU."""
+  always (raising if the shapes do not fit), 'auto' on a GPU (Triton) or a TPU (Mosaic) when
+  `supported`. The host's backend decides 'auto'; a program compiled ahead of time for a TPU
+  from a CPU host takes the kernel under 'pallas' (`mla_decode` then picks Mosaic by the
+  platform being lowered for)."""
   if choice not in KERNEL_CHOICES:
     raise ValueError(f'mla_decode_kernel={choice!r}: must be one of {KERNEL_CHOICES}')
   if choice == 'xla':
@@ -60,18 +88,14 @@ def use_kernel(choice: str, num_queries: int, num_latent: int, num_rope: int) ->
   if choice == 'pallas':
     check(num_latent, num_rope)
     return True
-  if jax.default_backend() != 'gpu' or num_queries > MAX_AUTO_QUERIES:
-    return False
-  try:
-    check(num_latent, num_rope)
-  except ValueError:
-    return False
-  return True
+  backend = platform.host_backend()
+  return backend is not None and supported(num_queries, num_latent, num_rope, backend)
 
 
 def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
                lengths: jax.Array, scale: float, *, block_table: jax.Array | None = None,
-               block_rows: int = 64, block_s: int = BLOCK_S, num_splits: int | None = None,
+               backend: str | None = None, block_rows: int | None = None,
+               block_s: int | None = None, num_splits: int | None = None,
                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (o [B, Tq, N, C] in q_latent's dtype, lse [B, Tq, N] float32); see the module docstring.
 
@@ -79,9 +103,15 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   and block_table [B, pages] int32 lists each sequence's pages in order (slot s of sequence b is
   row s % page of page block_table[b, s // page]); entries past a sequence's length are never
   read. The page size is the loop step (block_s is ignored).
-  block_rows: query rows (Tq x N, padded) per tile; block_s: cache slots per loop step;
-  num_splits: chunks of the cache per sequence (default: enough programs to fill ~256 slots of
-  a GPU). interpret: Pallas interpret mode; default on CPU only.
+  backend: 'triton' (this module's kernel), 'mosaic_tpu' (`kernels/mla_decode_tpu.py`) or None:
+  picked by the platform being lowered for (`jax.lax.platform_dependent`: Mosaic on TPU, Triton
+  elsewhere), so a program compiled ahead of time for a TPU from a CPU host gets the TPU kernel.
+  interpret: None compiles the kernel, except on CPU, where it runs in interpret mode (Pallas'
+  generic interpreter for Triton, its TPU interpret mode for Mosaic); True / False force it.
+  block_rows: query rows (Tq x N, padded) per tile (Triton: 64; Mosaic: all rows up to 256);
+  block_s: cache slots per step (Triton: 64; Mosaic: the largest of 512, 256, 128, 64 dividing
+  S); num_splits: chunks of the cache per sequence (Triton: enough programs to fill ~256 slots
+  of a GPU; Mosaic: 1, or 2 when there is one program, for a second TensorCore).
   """
   B, Tq, N, C = q_latent.shape
   R = k_rope.shape[-1]
@@ -92,18 +122,65 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
     if block_table.ndim != 2 or block_table.shape[0] != B:
       raise ValueError(f'mla_decode: block_table {block_table.shape} must be [B, pages] with '
                        f'B = {B}')
-    P, block_s = c_kv.shape[:2]
-    S = block_table.shape[1] * block_s
-    expected = ((P, block_s, C), (P, block_s, R))
+    P, page = c_kv.shape[:2]
+    expected = ((P, page, C), (P, page, R))
   if q_rope.shape != (B, Tq, N, R) or (c_kv.shape, k_rope.shape) != expected:
     raise ValueError(f'mla_decode: shapes do not agree: q_latent {q_latent.shape}, q_rope '
                      f'{q_rope.shape}, c_kv {c_kv.shape}, k_rope {k_rope.shape}'
                      + ('' if block_table is None else f', block_table {block_table.shape}'))
   if lengths.shape != (B,):
     raise ValueError(f'mla_decode: lengths {lengths.shape} must be [B] = ({B},)')
-  check(C, R)
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+  check(C, R, backend)
+  args = (q_latent, q_rope, c_kv, k_rope, lengths)
+  options = dict(scale=scale, block_table=block_table, block_rows=block_rows, block_s=block_s,
+                 num_splits=num_splits)
+  return platform.dispatch(backend, interpret, functools.partial(_triton, *args, **options),
+                           functools.partial(_mosaic_tpu, *args, **options))
+
+
+def _rows(q_latent, q_rope, rows: int):
+  """Queries as rows: [B, Tq, N, X] -> [B, rows, X], row z = t N + n, zero-padded."""
+  B, Tq, N, _ = q_latent.shape
+  return (_pad_axis(q_latent.reshape(B, Tq * N, -1), 1, rows),
+          _pad_axis(q_rope.reshape(B, Tq * N, -1), 1, rows))
+
+
+def _finish(o, lse, q_latent):
+  """Chunks' partials [B, K, Zp, C], [B, K, Zp] -> (o [B, Tq, N, C], lse [B, Tq, N])."""
+  B, Tq, N, C = q_latent.shape
+  Z = Tq * N
+  o, lse = combine(o, lse)  # [B, Zp, C], [B, Zp]
+  return (o[:, :Z].reshape(B, Tq, N, C).astype(q_latent.dtype), lse[:, :Z].reshape(B, Tq, N))
+
+
+def _mosaic_tpu(q_latent, q_rope, c_kv, k_rope, lengths, *, scale, block_table, block_rows,
+                block_s, num_splits, interpret):
+  """The TPU kernel (`kernels/mla_decode_tpu.py`) on padded rows and cache."""
+  B, Tq, N, _ = q_latent.shape
+  paged = block_table is not None  # c_kv.shape[1]: the cache's slots, or the page size
+  block_rows, rows, block_s, slots = mla_decode_tpu.block_sizes(
+      Tq * N, c_kv.shape[1], block_rows, c_kv.shape[1] if paged else block_s)
+  q, qr = _rows(q_latent, q_rope, rows)
+  if not paged:  # a cache of a multiple of block_s slots is used as it is
+    c_kv, k_rope = _pad_axis(c_kv, 1, slots), _pad_axis(k_rope, 1, slots)
+  o, lse = mla_decode_tpu.partials(q, qr, c_kv, k_rope, lengths, scale, num_queries=Tq,
+                                   num_heads=N, block_table=block_table, block_rows=block_rows,
+                                   block_s=block_s, num_splits=num_splits, interpret=interpret)
+  return _finish(o, lse, q_latent)
+
+
+def _triton(q_latent, q_rope, c_kv, k_rope, lengths, *, scale, block_table, block_rows,
+            block_s, num_splits, interpret):
+  """This module's kernel, in Triton's layout (see the module docstring)."""
+  B, Tq, N, C = q_latent.shape
+  R = k_rope.shape[-1]
+  block_rows = 64 if block_rows is None else block_rows
+  block_s = BLOCK_S if block_s is None else block_s
+  if block_table is None:
+    S = c_kv.shape[1]
+  else:
+    block_s = c_kv.shape[1]  # the page
+    S = block_table.shape[1] * block_s
   Z = Tq * N
   block_rows = min(block_rows, max(16, pl.next_power_of_2(Z)))
   row_blocks = pl.cdiv(Z, block_rows)
@@ -114,8 +191,7 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   num_splits = max(1, min(num_splits, s_blocks))
   steps_per_split = pl.cdiv(s_blocks, num_splits)
   chunk = steps_per_split * block_s
-  q = _pad_axis(q_latent.reshape(B, Z, C), 1, row_blocks * block_rows)
-  qr = _pad_axis(q_rope.reshape(B, Z, R), 1, row_blocks * block_rows)
+  q, qr = _rows(q_latent, q_rope, row_blocks * block_rows)
   if block_table is None:
     # A cache of a multiple of block_s slots (as `inference.cache.init` allocates them for the
     # kernel) is used as it is; otherwise this pads, a copy of the whole cache.
@@ -151,10 +227,12 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
           jax.ShapeDtypeStruct((B, num_splits, row_blocks * block_rows), jnp.float32),
       ],
       interpret=interpret,
+      # Explicitly Triton: since JAX 0.10 a GPU pallas_call without compiler parameters is
+      # lowered by Mosaic GPU, for which this kernel was not written.
+      compiler_params=None if interpret else pl_triton.CompilerParams(),
       name='mla_decode',
   )(lengths.astype(jnp.int32), q, qr, *cache_args)
-  o, lse = combine(o, lse)  # [B, Zp, C], [B, Zp]
-  return (o[:, :Z].reshape(B, Tq, N, C).astype(q_latent.dtype), lse[:, :Z].reshape(B, Tq, N))
+  return _finish(o, lse, q_latent)
 
 
 def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, *refs, scale: float, num_queries: int,
