@@ -23,10 +23,10 @@ Implementations behind `scaled_matmul(impl=...)` (see `_dispatch`), one signatur
   one FP32 rounding, so it differs from 'jnp' only by FP32 rounding and summation order (tested).
   CPUs have no FP8 units (XLA converts FP8 operands to FP32 anyway), so 'auto' picks it there:
   one GEMM instead of K/128 small ones.
-- 'pallas': `kernels/fp8_matmul.py`, the same per-block sum as one Pallas kernel (interpret mode
-  on CPU). It takes x scales per row and w scales per column of each K block, which every layout
-  here becomes after `_per_line`. 'auto' never picks it; the model's `fp8_matmul_kernel` switch
-  does, through `kernel_impl`.
+- 'pallas': `kernels/fp8_matmul.py`, the same per-block sum as one Pallas kernel (Triton on GPU,
+  Mosaic on TPU, interpret mode on CPU). It takes x scales per row and w scales per column of
+  each K block, which every layout here becomes after `_per_line`. 'auto' never picks it; the
+  model's `fp8_matmul_kernel` switch does, through `kernel_impl`.
 """
 
 from __future__ import annotations
@@ -107,13 +107,16 @@ def expert_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
 
 def kernel_impl(kernel: str) -> str:
   """The `impl` for the model's `fp8_matmul_kernel` switch: 'xla' -> 'auto' (the XLA GEMMs),
-  'pallas' -> the kernel, 'auto' -> the kernel on GPUs with FP8 tensor cores, else 'auto'."""
+  'pallas' -> the kernel, 'auto' -> the kernel on a TPU (Mosaic; every generation, widened to
+  BF16 where the MXU has no FP8) or a GPU with FP8 tensor cores (Triton), else 'auto'. The host
+  decides 'auto'; under 'pallas' the kernel itself picks Triton or Mosaic by the platform being
+  lowered for, so a program compiled ahead of time for a TPU from a CPU host gets Mosaic."""
   if kernel == 'xla':
     return 'auto'
   if kernel == 'pallas':
     return 'pallas'
   if kernel == 'auto':
-    return 'pallas' if _has_fp8_gpu() else 'auto'
+    return 'pallas' if jax.default_backend() == 'tpu' or _has_fp8_gpu() else 'auto'
   raise ValueError(f'fp8 kernel {kernel!r}, expected one of {KERNELS}')
 
 
