@@ -1,7 +1,9 @@
 """Parameter constructors that attach logical axis names for the sharding rules table.
 
-Logical names used across the model: `vocab`, `embed`, `heads`, `head_dim`, `q_latent`,
-`kv_latent`, `rope`, `mlp`, `expert`, `norm`. The sharding issue maps them to mesh axes.
+Logical names used across the model: `vocab`, `embed`, `heads`, `head_dim` (both H and U),
+`q_latent`, `kv_latent`, `rope`, `mlp`, `expert`, `norm`, `mtp_in` (the 2D input of an MTP
+module's eh_proj). `sharding.rules` maps each of them to mesh axes (deepseek_jax/DESIGN.md,
+"Sharding and the multi-plane mesh"); a name missing there is an error.
 """
 
 from __future__ import annotations
