@@ -50,7 +50,8 @@ def test_a_model_field_that_does_not_exist_is_named():
 def test_ablations_without_the_bias_never_move_it(name):
   """gamma is 0 at every step, including after tiny.py's late switch."""
   from deepseek_jax.train import optimizer  # pylint: disable=import-outside-toplevel
-  train = importlib.import_module(f'experiments.configs.{name}').get_config().train
+  from deepseek_jax.train.config import resolve  # pylint: disable=import-outside-toplevel
+  train = resolve(importlib.import_module(f'experiments.configs.{name}').get_config()).train
   gamma = optimizer.bias_gamma_schedule(train)
   assert [float(gamma(step)) for step in (0, train.steps // 2, train.steps - 1)] == [0.0] * 3
 
