@@ -105,7 +105,8 @@ def node_limited_traffic(*, experts_per_token: int = 8, nodes: int = 8, max_node
 
 
 def node_limited_traffic_for_config(cfg: ModelConfig) -> NodeTraffic:
-  """Groups = nodes (DESIGN.md): G = n_group nodes, M = topk_group, E / G experts per node."""
+  """Groups = nodes (deepseek_jax/DESIGN.md, "Sharding and the multi-plane mesh"): G = n_group
+  nodes, M = topk_group, E / G experts per node."""
   return node_limited_traffic(experts_per_token=cfg.num_experts_per_tok, nodes=cfg.n_group,
                               max_nodes=cfg.topk_group,
                               experts_per_node=cfg.n_routed_experts // cfg.n_group)

@@ -13,13 +13,13 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.expert_parallel import buffer_rows
 
 
-def traffic(experts, cfg: ModelConfig, X: int, P: int, token_bytes: int, data: int = 1,
+def traffic(experts, cfg: ModelConfig, X: int, Y: int, token_bytes: int, data: int = 1,
             origin_node=None, origin_plane=None) -> dict[str, jax.Array]:
   """Dispatch traffic of one step's routing decisions, experts [T, K] (all tokens, in batch
   order). Combine sends the same rows back (in the output dtype).
 
   A token's own node and plane are those of the device holding it: with the batch split over
-  (data, expert, plane), token t sits on device t // (T / (data X P)) in (data, expert, plane)
+  (data, expert, plane), token t sits on device t // (T / (data X Y)) in (data, expert, plane)
   order; pass `origin_node` / `origin_plane` [T] to override. Sends to one's own node (hop 1)
   or own plane (hop 2) stay on the device and are not counted. Routing metadata (K ids and
   gates per row) is not counted in the bytes.
@@ -37,17 +37,17 @@ def traffic(experts, cfg: ModelConfig, X: int, P: int, token_bytes: int, data: i
   experts = jnp.asarray(experts)
   T = experts.shape[0]
   E = cfg.n_routed_experts
-  E_loc = E // (X * P)
-  shards = data * X * P
+  E_loc = E // (X * Y)
+  shards = data * X * Y
   if T % shards:
     raise ValueError(f'traffic: T={T} tokens are not divisible by data x expert x plane = '
-                     f'{data} x {X} x {P} = {shards}')
+                     f'{data} x {X} x {Y} = {shards}')
   holder = jnp.arange(T) // (T // shards)           # the device holding each token
-  origin_node = (holder // P) % X if origin_node is None else jnp.asarray(origin_node)
-  origin_plane = holder % P if origin_plane is None else jnp.asarray(origin_plane)
-  # Distinct destinations from the sorted device ids, O(T K): no [T, K, X, P] one-hots.
-  device = jnp.sort(experts // E_loc, axis=-1)      # [T, K], node-major: node * P + plane
-  node, plane = device // P, device % P
+  origin_node = (holder // Y) % X if origin_node is None else jnp.asarray(origin_node)
+  origin_plane = holder % Y if origin_plane is None else jnp.asarray(origin_plane)
+  # Distinct destinations from the sorted device ids, O(T K): no [T, K, X, Y] one-hots.
+  device = jnp.sort(experts // E_loc, axis=-1)      # [T, K], node-major: node * Y + plane
+  node, plane = device // Y, device % Y
   new_device = jnp.concatenate([jnp.ones((T, 1), bool), device[:, 1:] != device[:, :-1]], -1)
   new_node = jnp.concatenate([jnp.ones((T, 1), bool), node[:, 1:] != node[:, :-1]], -1)
   distinct_nodes = jnp.sum(new_node, axis=-1)                                   # [T]
@@ -55,8 +55,8 @@ def traffic(experts, cfg: ModelConfig, X: int, P: int, token_bytes: int, data: i
   intra = jnp.sum(new_device & (plane != origin_plane[:, None]))
   naive = jnp.sum(node != origin_node[:, None])
   # Busiest device: (token, expert) pairs on it, per data replica (its own expert group).
-  replica = holder // (X * P)
-  target = replica[:, None] * (X * P) + experts // E_loc                        # [T, K]
+  replica = holder // (X * Y)
+  target = replica[:, None] * (X * Y) + experts // E_loc                        # [T, K]
   pairs = jnp.bincount(target.reshape(-1), length=shards)
   return dict(
       inter_node=inter, intra_node=intra, naive_inter_node=naive,
@@ -67,4 +67,4 @@ def traffic(experts, cfg: ModelConfig, X: int, P: int, token_bytes: int, data: i
       nodes_per_token=jnp.mean(distinct_nodes.astype(jnp.float32)),
       max_expert_pairs=jnp.max(pairs),
       expert_pairs_bound=jnp.asarray(
-          buffer_rows(cfg, X, P, T // shards, T // shards)['expert_pairs'], jnp.int32))
+          buffer_rows(cfg, X, Y, T // shards, T // shards)['expert_pairs'], jnp.int32))

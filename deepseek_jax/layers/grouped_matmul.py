@@ -1,9 +1,10 @@
 """Grouped expert SwiGLU over rows sorted by expert: one function, an implementation per backend.
 
 `jax.lax.ragged_dot` is the natural primitive and is fast on GPU/TPU, but slow on XLA:CPU (see
-DESIGN.md, environment facts). The `blocked` form pads every expert's rows to a multiple of a
-block, so the padded row count has a static bound `rows + E * (block - 1)`, and runs one batched
-einsum over blocks with each block's expert weights. Both are dropless and compute the same thing.
+deepseek_jax/DESIGN.md, "Environment facts"). The `blocked` form pads every expert's rows to a
+multiple of a block, so the padded row count has a static bound `Z + E * (block - 1)`, and runs
+one batched einsum over blocks with each block's expert weights. Both are dropless and compute
+the same thing.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ BLOCK_ROWS = 128  # measured on the tiny config: 32 rows took 1.4x longer, 1024 
 def expert_swiglu(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                   w_down: jax.Array, impl: str = 'auto', precision: str = 'bf16',
                   fp8_kernel: str = 'auto') -> jax.Array:
-  """x [M, D] sorted by expert, group_sizes [E] summing to M, w_gate/w_up [E, D, F],
-  w_down [E, F, D] -> [M, D], row m passed through the SwiGLU of its expert.
+  """x [Z, D] sorted by expert, group_sizes [E] summing to Z, w_gate/w_up [E, D, F],
+  w_down [E, F, D] -> [Z, D], row z passed through the SwiGLU of its expert.
 
   precision='fp8' runs the blocked form with FP8 block-scaled GEMMs (ragged_dot has no FP8 form),
   run by `fp8_kernel` (see `linear.linear`).
@@ -45,34 +46,34 @@ def _ragged_dot_swiglu(x, group_sizes, w_gate, w_up, w_down):
 
 def _blocked_swiglu(x, group_sizes, w_gate, w_up, w_down, block: int = BLOCK_ROWS,
                     precision: str = 'bf16', fp8_kernel: str = 'auto'):
-  M, D = x.shape
+  Z, D = x.shape
   E = group_sizes.shape[0]
-  block = max(1, min(block, M))
-  num_blocks = -(-(M + E * (block - 1)) // block)  # static bound on padded blocks
-  P = num_blocks * block
+  block = max(1, min(block, Z))
+  num_blocks = -(-(Z + E * (block - 1)) // block)  # static bound on padded blocks
+  Z_pad = num_blocks * block
   group_sizes = group_sizes.astype(jnp.int32)
   padded_sizes = -(-group_sizes // block) * block
   start = jnp.cumsum(group_sizes) - group_sizes           # first sorted row of each expert
   padded_start = jnp.cumsum(padded_sizes) - padded_sizes  # first padded row of each expert
-  row_expert = jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes, total_repeat_length=M)
-  slot = padded_start[row_expert] + jnp.arange(M, dtype=jnp.int32) - start[row_expert]  # [M]
+  row_expert = jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes, total_repeat_length=Z)
+  slot = padded_start[row_expert] + jnp.arange(Z, dtype=jnp.int32) - start[row_expert]  # [Z]
   # Expert of each padded row; rows past the last expert's take the last expert (and are zero).
-  padded_row = jnp.arange(P, dtype=jnp.int32)
+  padded_row = jnp.arange(Z_pad, dtype=jnp.int32)
   padded_expert = jnp.minimum(
       jnp.searchsorted(jnp.cumsum(padded_sizes), padded_row, side='right'), E - 1)
   offset = padded_row - padded_start[padded_expert]
-  source = jnp.where(offset < group_sizes[padded_expert], start[padded_expert] + offset, M)
+  source = jnp.where(offset < group_sizes[padded_expert], start[padded_expert] + offset, Z)
   x_blocks = take_rows(x, source, slot).reshape(num_blocks, block, D)
   block_expert = padded_expert[::block]
 
-  def expert_matmul(rows, w):  # 'nbD,nDF->nbF' with each block's expert weights
+  def expert_matmul(rows, w):  # 'nZD,nDF->nZF': n blocks of Z rows, each with its expert's weights
     return linear.batched_linear(rows, _block_weights(w, block_expert), precision=precision,
                                  fp8_kernel=fp8_kernel)
 
   gate = expert_matmul(x_blocks, w_gate)
   up = expert_matmul(x_blocks, w_up)
   out = expert_matmul(jax.nn.silu(gate) * up, w_down)
-  return take_rows(out.reshape(P, D), slot, source)
+  return take_rows(out.reshape(Z_pad, D), slot, source)
 
 
 def _block_weights(w: jax.Array, block_expert: jax.Array) -> jax.Array:
