@@ -1,6 +1,6 @@
 """The (data, expert, plane) mesh and the one table from logical axis names to mesh axes.
 
-DESIGN.md, "Sharding and the multi-plane mesh":
+deepseek_jax/DESIGN.md, "Sharding and the multi-plane mesh":
   plane   the device index inside a node (one GPU-NIC pair per network plane); traffic between
           planes crosses NVLink inside the node;
   expert  the nodes of one expert-parallel group; an all-to-all over `expert` at a fixed plane is
