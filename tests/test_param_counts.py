@@ -51,7 +51,7 @@ def test_deepseek_v3_counts_equal_hf_on_meta_device():
   assert round(ours.total / 1e9, 1) == 671.0  # V3 report: 671B total
   assert 36.5e9 < ours.activated < 38e9       # 37B activated per token
   assert ours.mtp == hf_mtp
-  assert 11.5e9 < ours.mtp < 11.7e9           # "11.5B extra unique parameters" (DESIGN.md)
+  assert 11.5e9 < ours.mtp < 11.7e9           # "11.5B extra unique parameters" (deepseek_jax/DESIGN.md)
 
 
 def test_deepseek_v2_lite_counts_equal_hf_on_meta_device():
