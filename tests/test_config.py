@@ -39,7 +39,7 @@ def test_base_and_released_defaults_are_valid():
   assert cfg.num_moe_layers == 2
   assert cfg.qk_head_dim == 12
   v3 = ModelConfig()  # the released DeepSeek-V3 671B
-  assert v3.kv_cache_values_per_token == 576  # C 512 + R 64 (DESIGN.md)
+  assert v3.kv_cache_values_per_token == 576  # C 512 + R 64 (deepseek_jax/DESIGN.md)
   assert v3.num_moe_layers == 58
 
 
