@@ -28,7 +28,8 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
       tokenizer='byte',            # 'byte' or 'bpe' (trained on the train split, saved in workdir)
       heldout_fraction=0.05,
   ))
-  # The device mesh (deepseek_jax/sharding.py, DESIGN.md "Sharding and the multi-plane mesh";
+  # The device mesh (deepseek_jax/sharding.py; deepseek_jax/DESIGN.md, "Sharding and the
+  # multi-plane mesh";
   # fields in MeshConfig), e.g. --config.mesh.expert=2 --config.mesh.plane=4 on 8 devices.
   config.mesh = ml_collections.ConfigDict(MeshConfig().to_dict())
   return config
