@@ -29,7 +29,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
       heldout_fraction=0.05,
   ))
   # The device mesh (deepseek_jax/sharding.py; deepseek_jax/DESIGN.md, "Sharding and the
-  # multi-plane mesh";
-  # fields in MeshConfig), e.g. --config.mesh.expert=2 --config.mesh.plane=4 on 8 devices.
+  # multi-plane mesh"; fields in MeshConfig), e.g. --config.mesh.expert=2 --config.mesh.plane=4
+  # on 8 devices.
   config.mesh = ml_collections.ConfigDict(MeshConfig().to_dict())
   return config
