@@ -4,7 +4,7 @@ isolation between two jobs, link and switch failures, latency; tables, then one 
 
   python -m experiments.netsim [--format=markdown|json] [--png=netsim.png] [--seed=0]
 
-About two minutes on two CPU cores.
+About a minute on two CPU cores.
 """
 
 from absl import app, flags

@@ -66,62 +66,66 @@ def ep_rows(seed: int = 0, ep_sizes=(16, 32, 64, 128), tokens_per_gpu: int = 409
       rd = workloads.simulate(net, d, routing, seed, dynamic=True)
       rc = workloads.simulate(net, c, routing, seed, dynamic=True)
       rdma = np.bincount(d.src, d.nbytes, minlength=gpus)[:gpus]
+      sends = d.nbytes.sum() / hidden / len(experts)        # network sends per token (§4.3)
       nodes = np.array([len(np.unique(e // (256 // (gpus // 8)))) for e in experts[:4096]])
       rows.append(dict(
           ep_gpus=gpus, routing='node-limited (4 of 8 groups)' if limit else 'unlimited',
-          nodes_per_token=float(nodes.mean()),
+          nodes_per_token=float(nodes.mean()), ib_sends_per_token=float(sends),
           dispatch_gb_s=float(rdma.mean() / rd.seconds / GB),
           combine_gb_s=float(2 * rdma.mean() / rc.seconds / GB),
-          dispatch_us=rd.seconds * 1e6, combine_us=rc.seconds * 1e6,
-          nvlink_share=max(rd.nvlink_seconds / rd.seconds, 0.0),
+          dispatch_us=float(rd.seconds * 1e6), combine_us=float(rc.seconds * 1e6),
+          bound='NVLink' if rd.nvlink_seconds >= rd.network_seconds else 'network',
+          analytic_dedup_us=float(3 * tokens_per_gpu * sends * hidden / (50 * GB) * 1e6),
           analytic_us=analytic * 1e6, published_gb_s='>40'))
   return rows
 
 
-def collective_rows(seed: int = 0, nodes: int = 64, topologies=('MPFT', 'MRFT')) -> list[dict]:
+def collective_rows(seed: int = 0, nodes: int = NODES, topologies=('MPFT', 'MRFT')) -> list[dict]:
   """Ring AllGather / ReduceScatter (the same flows in a fluid model: reduction is free), one
-  ring per rail over the job's nodes in id order; bus bandwidth = chunk / step time."""
+  ring per rail over the job's nodes; bus bandwidth = chunk / step time. Rings in node-id order
+  (topology-aware: neighbours share a leaf) or in a random rank order (most hops cross leaves,
+  the "lack of randomness" of §5.2.2 meeting ECMP's hash)."""
   rows = []
   job = _job(seed, nodes)
+  orders = {'node id': job, 'random': np.random.default_rng(seed + 2).permutation(job)}
   for name in topologies:
     net = BUILDERS[name](NODES)
-    phase = workloads.ring_step(net, job, MIB)
-    for routing in ('ecmp', 'adaptive', 'static'):
-      res = workloads.simulate(net, phase, routing, seed)
-      rows.append(dict(topology=name, gpus=8 * nodes, routing=routing,
-                       busbw_gb_s=MIB / res.seconds / GB))
+    for order, ring in orders.items():
+      phase = workloads.ring_step(net, ring, MIB)
+      for routing in ('ecmp', 'adaptive', 'static'):
+        res = workloads.simulate(net, phase, routing, seed)
+        rows.append(dict(topology=name, gpus=8 * nodes, ring_order=order, routing=routing,
+                         busbw_gb_s=MIB / res.seconds / GB))
   return rows
 
 
-def isolation_rows(seed: int = 0, nodes: int = 64, routing: str = 'adaptive') -> list[dict]:
-  """Job A: all-to-all on `nodes` random nodes. Job B: as many other nodes, whose rail-0 GPUs
-  send all-to-all without end (NIC 0 only): on MPFT it can only load plane 0; on MRFT and FT3
-  it goes NIC to NIC across rails, through the shared spine / core."""
+def isolation_rows(seed: int = 0, nodes: int = 64, routings=('ecmp', 'adaptive')) -> list[dict]:
+  """Job A: a ring AllGather step over `nodes` random nodes (in node-id order), one 50 GB/s
+  flow per NIC, the kind of flow a neighbour can slow. Job B: as many other nodes whose rail-0
+  NICs each stream to the next B node in a random order: on MPFT it can only load plane 0; on
+  MRFT and FT3 it goes NIC to NIC to a random rail, through the shared spine / core."""
   perm = np.random.default_rng(seed + 1).permutation(NODES)
-  a, b = np.sort(perm[:nodes]), np.sort(perm[nodes:2 * nodes])
+  a, b = np.sort(perm[:nodes]), perm[nodes:2 * nodes]
+  rng = np.random.default_rng(seed + 3)
   rows = []
   for name in ('MPFT', 'MRFT', 'FT3'):
     net = BUILDERS[name](NODES)
-    job_a = workloads.all_to_all(net, a, MIB, PXN[name])
-    if name == 'MPFT':   # rail-0 GPUs to rail-0 GPUs: plane 0 is all it can reach
-      src, dst = np.repeat(b * 8, len(b)), np.tile(b * 8, len(b))
-    else:                # rail-0 GPUs to every GPU of B, across rails
-      g = workloads.gpus_of(net, b)
-      src, dst = np.repeat(b * 8, len(g)), np.tile(g, len(b))
-    job_b = workloads.from_matrix(net, src, dst, np.full(len(src), 1e12), pxn=False)
-    alone = workloads.simulate(net, job_a, routing, seed)
-    both = workloads.simulate(net, job_a + job_b, routing, seed)
+    job_a = workloads.ring_step(net, a, MIB)
+    rail = 0 if name == 'MPFT' else rng.integers(0, 8, len(b))
+    job_b = workloads.from_matrix(net, b * 8, np.roll(b, -1) * 8 + rail,
+                                  np.full(len(b), 1e12), pxn=False)
     mine = (job_a + job_b).job == 0
-    rate_alone, rate_both = alone.rates, both.rates[mine]
-    t_both = float(np.max(job_a.nbytes / rate_both))
-    slowed = rate_both < rate_alone * (1 - 1e-6)
-    rails = np.unique(job_a.src[slowed] % 8)
-    rows.append(dict(topology=name, routing=routing, a_gb_s_alone=(8 * nodes - 1) * MIB /
-                     alone.network_seconds / GB,
-                     a_gb_s_shared=(8 * nodes - 1) * MIB / t_both / GB,
-                     slowdown=t_both / alone.network_seconds,
-                     a_flows_slowed_pct=100 * float(slowed.mean()),
-                     a_rails_touched=len(rails)))
+    for routing in routings:
+      alone = workloads.simulate(net, job_a, routing, seed)
+      both = workloads.simulate(net, job_a + job_b, routing, seed)
+      t_both = float(np.max(job_a.nbytes / both.rates[mine]))
+      slowed = both.rates[mine] < alone.rates * (1 - 1e-6)
+      rows.append(dict(topology=name, routing=routing,
+                       a_busbw_alone=MIB / alone.network_seconds / GB,
+                       a_busbw_shared=MIB / t_both / GB,
+                       slowdown=t_both / alone.network_seconds,
+                       a_flows_slowed_pct=100 * float(slowed.mean()),
+                       a_rails_touched=int(len(np.unique(job_a.src[slowed] % 8)))))
   return rows
 
 

@@ -137,8 +137,8 @@ def ep_combine(dispatch: Phase, token_bytes: float, dispatch_bytes: float) -> Ph
 
 def model_traffic_counts(experts, cfg, nodes: int, planes: int) -> dict[str, int]:
   """The model's own accounting of the same routing (`traffic`: hop-1 and hop-2 rows), for
-  checking `ep_dispatch` against it. Imported here: the function is moving between modules."""
-  from deepseek_jax.expert_parallel import traffic
+  checking `ep_dispatch` against it. Imported here, where it is needed: it pulls in JAX."""
+  from deepseek_jax.analysis.traffic import traffic
   t = traffic(np.asarray(experts), cfg, nodes, planes, token_bytes=1)
   return dict(inter_node=int(t['inter_node']), intra_node=int(t['intra_node']))
 
