@@ -231,8 +231,11 @@ def plot(tables: dict[str, list[dict]], path: str) -> None:
   ax[0].set(xlabel='GPUs', ylabel='all-to-all GB/s per GPU', title='All-to-all (cf. Fig. 5)')
   ax[0].legend(fontsize=7)
   iso = tables['isolation']
-  ax[1].bar([r['topology'] for r in iso], [r['slowdown'] for r in iso])
-  ax[1].set(ylabel="job A's all-to-all slowdown", title='A second job (isolation, §5.1.1)')
+  bars = ax[1].bar([f"{r['topology']}\n{r['routing']}" for r in iso], [r['slowdown'] for r in iso])
+  for bar, r in zip(bars, iso):
+    ax[1].annotate(f"{r['a_rails_touched']} rails hit", (bar.get_x() + bar.get_width() / 2,
+                   bar.get_height()), ha='center', va='bottom', fontsize=7)
+  ax[1].set(ylabel="job A's ring-step slowdown", title='A second job (isolation, §5.1.1)')
   rob = tables['robustness']
   names = [f"{r['topology']} {r['routing']}\n{r['failure']}" for r in rob]
   ax[2].barh(names, [r['slowdown'] for r in rob])

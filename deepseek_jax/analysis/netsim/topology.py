@@ -11,6 +11,7 @@ GPU g sits on node g // gpus_per_node with rail (plane) g % gpus_per_node and ow
 partial build of the same tree: leaves hold radix/2 NIC ports and send radix/2 uplinks; a partial
 two-layer tree uses the fewest spines that take those uplinks, with parallel cables between a
 leaf and a spine (the full-size build has radix/2 spines and single cables, Table 3's counts).
+A partial FT3 keeps the whole core layer, (radix/2)^2 switches, however few pods it has.
 """
 
 from __future__ import annotations
