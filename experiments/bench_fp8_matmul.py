@@ -1,12 +1,13 @@
 """FP8 vs BF16 matmul throughput through XLA for DeepSeek-V3's GEMM shapes (V3 report §3.3).
 
-For each shape [M, K] x [K, N] it times, under jit:
+For each shape [Z, I] x [I, O] it times, under jit:
   bf16        x and w in BF16, FP32 accumulation;
   fp8_tensor  E4M3 operands with one scale each (XLA's scaled-dot pattern, cuBLASLt FP8 on GPU);
   fp8_block   our fine-grained path (`deepseek_jax.fp8`): 1x128 / 128x128 scales, FP32 promotion
-              every 128 K elements, quantization of both operands included.
-and prints one JSON line per shape with TFLOP/s (2 M K N / time). Meant for a GPU; on CPU use
---small (XLA emulates FP8 there, so the figures only check that everything runs).
+              every 128 I elements, quantization of both operands included.
+and prints one JSON line per shape with TFLOP/s (2 Z I O / time; the line's keys 'M', 'K', 'N'
+hold Z, I, O). Meant for a GPU; on CPU use --small (XLA emulates FP8 there, so the figures only
+check that everything runs).
 
   python -m experiments.bench_fp8_matmul [--tokens=4096] [--small]
 """
@@ -22,13 +23,13 @@ from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8.matmul import matmul as fp8_matmul
 
-_TOKENS = flags.DEFINE_integer('tokens', 4096, 'M: tokens per GEMM.')
+_TOKENS = flags.DEFINE_integer('tokens', 4096, 'Z: tokens per GEMM.')
 _SMALL = flags.DEFINE_bool('small', False, 'Tiny shapes (CPU smoke test).')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (best is kept).')
 
 
 def v3_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-  """(K, N) of the GEMMs the FP8 policy covers, from the V3 config."""
+  """(I, O) of the GEMMs the FP8 policy covers, from the V3 config."""
   D, N = cfg.hidden_size, cfg.num_heads
   return {
       'mla_w_dq': (D, cfg.q_lora_rank),

@@ -2,8 +2,9 @@
 configuration, batch and sequence length, and model FLOP utilisation against the peak matmul
 FLOP/s measured on the same machine in the same run.
 
-MFU = model FLOPs per token (analysis/flops.py: 6 P + attention, MTP included when trained) x
-tokens/s / peak. HF trains no MTP module, so the comparison runs ours with `mtp_depth=0` too.
+MFU = model FLOPs per token (analysis/flops.py: 6 x activated params + attention, MTP included
+when trained) x tokens/s / peak. HF trains no MTP module, so the comparison runs ours with
+`mtp_depth=0` too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from deepseek_jax.train.config import TrainConfig
 def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
   """Best float32 FLOP/s of one jitted [size, size] x [size, size] matmul."""
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda x, y: jnp.einsum('MK,KN->MN', x, y))
+  matmul = jax.jit(lambda x, y: jnp.einsum('ZI,IO->ZO', x, y))
   matmul(a, a).block_until_ready()
   best = float('inf')
   for _ in range(repeats):

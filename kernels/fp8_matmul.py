@@ -2,24 +2,24 @@
 runs this module's Triton-layout kernel on GPUs (and, interpreted, on CPU) and
 `kernels/fp8_matmul_tpu.py`'s Mosaic-layout kernel on TPUs (`backend`, `kernels.platform`).
 
-Letters are GEMM-local, as in `deepseek_jax.fp8.matmul`: M rows, K contraction, N columns,
-Kb = ceil(K / 128) K blocks.
-  a  [M, K] float8_e4m3fn, a_scales [M, Kb] float32: one scale per row per 128-wide K block
+Letters (deepseek_jax/DESIGN.md), as in `deepseek_jax.fp8.matmul`: Z rows, I contraction,
+O columns, Ib = ceil(I / 128) I blocks, i one of them.
+  a  [Z, I] float8_e4m3fn, a_scales [Z, Ib] float32: one scale per row per 128-wide I block
      (the 1x128 activation tiles; per-row scales also cover the wgrad GEMM's x^T);
-  b  [K, N] float8_e4m3fn, b_scales [Kb, ceil(N/128)] (128x128 weight blocks) or [Kb, N]
+  b  [I, O] float8_e4m3fn, b_scales [Ib, ceil(O/128)] (128x128 weight blocks) or [Ib, O]
      (128x1 tiles, the wgrad GEMM's dy) float32;
-  out[m, n] = sum_b (sum_{k in block b} a[m, k] b[k, n]) * a_scales[m, b] * b_scales[b, n].
+  out[z, o] = sum_i (a[z, block i] . b[block i, o]) * a_scales[z, i] * b_scales[i, o].
 
-Design (Triton-style): the grid is (M_pad / block_m, N_pad / block_n), one output tile per
-program. Each program's a and b blocks cover the whole (padded) K extent of its tile, and a
-`lax.fori_loop` over the Kb blocks slices them with `pl.ds`: per step one FP8 x FP8 tile product
+Design (Triton-style): the grid is (Zp / block_m, Op / block_n), one output tile per
+program. Each program's a and b blocks cover the whole (padded) I extent of its tile, and a
+`lax.fori_loop` over the Ib blocks slices them with `pl.ds`: per step one FP8 x FP8 tile product
 [block_m, 128] . [128, block_n] accumulated in FP32 (`jnp.dot(..., preferred_element_type=f32)`),
 multiplied by a's per-row scales of that block [block_m] and b's per-column scales [block_n], and
 added to an FP32 accumulator in registers: the report's promotion to CUDA cores every
 N_C = 128 elements. Inside the kernel b is always scaled per column: 128x128 blocks are repeated
 over their 128 columns in the wrapper (exact), so one kernel serves all three GEMMs of the FP8
-linear layer. Scales are passed transposed, a_scales as [Kb, M], so that step b loads one
-contiguous row of each scale array. M, N and K that are not multiples of the tiles are
+linear layer. Scales are passed transposed, a_scales as [Ib, Z], so that step i loads one
+contiguous row of each scale array. Z, O and I that are not multiples of the tiles are
 zero-padded in the wrapper (zero values add nothing, whatever the padded scales) and the output
 is sliced back, so the kernel itself sees only static, power-of-two tile shapes.
 
@@ -29,7 +29,7 @@ through Pallas Triton at V3's shapes (tests/test_kernels_lowering.py; Triton's c
 parameters are always passed, as JAX 0.10 sends a GPU pallas_call without them to Mosaic GPU).
 No PTX was built and nothing ran on an H100/H200. The kernel keeps to what the Triton lowering
 takes: every loaded array has a power-of-two size (block_m, block_n >= 16 powers of two, 128-wide
-K steps, scale rows of block_m / block_n), the loop bound is static, and the dot is a 2-D FP8 x
+I steps, scale rows of block_m / block_n), the loop bound is static, and the dot is a 2-D FP8 x
 FP8 dot with FP32 result (Triton lowers it to FP8 MMA/WGMMA on compute capability >= 8.9).
 Pallas emits the dot with Triton's default `max_num_imprecise_acc` = 0, i.e. the tensor cores'
 own accumulator over the 128-wide step, which is what the report describes; the FP32 promotion
@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as pl_triton
 from kernels import fp8_matmul_tpu, platform
 
 FP8 = jnp.float8_e4m3fn
-BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
+BLOCK_K = 128  # N_C: I elements per FP8 partial product before promotion to FP32
 OUT_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -58,15 +58,15 @@ def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
                block_k: int | None = None, interpret: bool | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
                native_fp8: bool | None = None) -> jax.Array:
-  """E4M3 a [M, K] . E4M3 b [K, N] -> [M, N] out_dtype (float32 or bfloat16), block-scaled.
+  """E4M3 a [Z, I] . E4M3 b [I, O] -> [Z, O] out_dtype (float32 or bfloat16), block-scaled.
 
-  a_scales [M, ceil(K/128)]; b_scales [ceil(K/128), ceil(N/128)] (128x128 blocks) or
-  [ceil(K/128), N] (one per column of each K block); both float32.
+  a_scales [Z, ceil(I/128)]; b_scales [ceil(I/128), ceil(O/128)] (128x128 blocks) or
+  [ceil(I/128), O] (one per column of each I block); both float32.
   backend: 'triton' (this module's kernel), 'mosaic_tpu' (`kernels/fp8_matmul_tpu.py`) or None,
   picked by the platform being lowered for (Mosaic on TPU, Triton elsewhere; `kernels.platform`).
   interpret: None compiles, except on CPU, where it runs in interpret mode (the generic
   interpreter for Triton, Pallas' TPU interpret mode for Mosaic); True / False force it.
-  Tiles: Triton takes block_m (None: the smallest power of two >= M, clipped to [16, 64]) and
+  Tiles: Triton takes block_m (None: the smallest power of two >= Z, clipped to [16, 64]) and
   block_n (None: 128), powers of two >= 16, and `num_warps` / `num_stages` (None: Pallas'
   defaults); Mosaic takes block_m (a multiple of 32), block_n and block_k (multiples of 128;
   defaults in `fp8_matmul_tpu.block_sizes`) and `native_fp8` (None: on a TPU7x host).
@@ -100,8 +100,8 @@ def _triton_blocks(M: int, block_m: int | None, block_n: int | None) -> tuple[in
 
 def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block_n, num_warps,
             num_stages, interpret):
-  """This module's kernel on padded tiles: a [Mp, Kp], a_scales^T [Kb, Mp], b [Kp, Np],
-  b_scales [Kb, Np] (per column)."""
+  """This module's kernel on padded tiles: a [Zp, Ip], a_scales^T [Ib, Zp], b [Ip, Op],
+  b_scales [Ib, Op] (per column)."""
   M, K = a_values.shape
   N = b_values.shape[1]
   block_m, block_n = _triton_blocks(M, block_m, block_n)
@@ -109,16 +109,16 @@ def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block
   Mp, Np, Kp = _round_up(M, block_m), _round_up(N, block_n), Kb * BLOCK_K
   a_values = _pad_to(a_values, (Mp, Kp))
   b_values = _pad_to(b_values, (Kp, Np))
-  a_scales = _pad_to(a_scales.T, (Kb, Mp))  # [Kb, M]: step b reads one contiguous row
+  a_scales = _pad_to(a_scales.T, (Kb, Mp))  # [Ib, Z]: step i reads one contiguous row
   b_scales = _pad_to(b_scales, (Kb, Np))
   out = pl.pallas_call(
       functools.partial(_kernel, num_k_blocks=Kb),
       out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
       grid=(Mp // block_m, Np // block_n),
       in_specs=[
-          pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),  # a: the tile's rows, all of K
+          pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),  # a: the tile's rows, all of I
           pl.BlockSpec((Kb, block_m), lambda i, j: (0, i)),  # a_scales^T
-          pl.BlockSpec((Kp, block_n), lambda i, j: (0, j)),  # b: all of K, the tile's columns
+          pl.BlockSpec((Kp, block_n), lambda i, j: (0, j)),  # b: all of I, the tile's columns
           pl.BlockSpec((Kb, block_n), lambda i, j: (0, j)),  # b_scales
       ],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
@@ -133,8 +133,8 @@ def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block
 
 
 def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, *, num_k_blocks):
-  """One output tile: a_ref [bm, Kp], a_scales_ref [Kb, bm], b_ref [Kp, bn],
-  b_scales_ref [Kb, bn] -> out_ref [bm, bn]."""
+  """One output tile: a_ref [bm, Ip], a_scales_ref [Ib, bm], b_ref [Ip, bn],
+  b_scales_ref [Ib, bn] -> out_ref [bm, bn]."""
   block_m, block_n = out_ref.shape
 
   def add_block(kb, acc):
@@ -152,7 +152,7 @@ def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, *, num_k_blocks):
 
 
 def _check(a_values, a_scales, b_values, b_scales, out_dtype):
-  """Shapes and dtypes of `fp8_matmul`'s operands -> (M, K, N, b_scales per 128x128 block)."""
+  """Shapes and dtypes of `fp8_matmul`'s operands -> (Z, I, O, b_scales per 128x128 block)."""
   if a_values.ndim != 2 or b_values.ndim != 2:
     raise ValueError(f'fp8_matmul: a {a_values.shape} and b {b_values.shape} must be 2-D')
   M, K = a_values.shape

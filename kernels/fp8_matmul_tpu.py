@@ -1,14 +1,15 @@
 """Block-scaled FP8 GEMM in Mosaic's layout (Pallas TPU), behind
 `kernels.fp8_matmul.fp8_matmul(..., backend='mosaic_tpu')`.
 
-Same operands and sum as `kernels/fp8_matmul.py` (letters GEMM-local: M rows, K contraction,
-N columns, Kb = K / 128 blocks): E4M3 a [M, K] with per-row scales of each 128-wide K block,
-E4M3 b [K, N] with per-column scales of each K block, out = sum_b (a_b . b_b) a_s[:, b] b_s[b, :].
+Same operands and sum as `kernels/fp8_matmul.py` (letters as in deepseek_jax/DESIGN.md: Z rows,
+I contraction, O columns, Ib = I / 128 blocks, i one of them): E4M3 a [Z, I] with per-row scales
+of each 128-wide I block, E4M3 b [I, O] with per-column scales of each I block,
+out = sum_i (a_i . b_i) a_s[:, i] b_s[i, :].
 
-Layout (the usual TPU tiled matmul): grid (M / block_m, N / block_n, K / block_k), K last and
+Layout (the usual TPU tiled matmul): grid (Z / block_m, O / block_n, I / block_k), I last and
 'arbitrary', an FP32 accumulator in VMEM scratch across it. The FP8 operands stay FP8 in HBM and
 are DMA'd into VMEM as FP8 tiles (a weight costs half BF16's HBM bytes). Each grid step splits
-its [block_m, block_k] x [block_k, block_n] tiles into 128-wide K blocks and, per block, takes one
+its [block_m, block_k] x [block_k, block_n] tiles into 128-wide I blocks and, per block, takes one
 product with FP32 result, multiplies it by a's scales [block_m, 1] and b's [1, block_n] of that
 block and adds it to the accumulator: V3's promotion every N_C = 128.
 
@@ -20,9 +21,9 @@ guide, docs.cloud.google.com/tpu/docs/ironwood-performance), so with `native_fp8
 the FP8 tiles directly. Both forms compile for all four generations here; which is faster on each
 has not been measured.
 
-Scales: a's are passed [M, Kb] with the whole Kb in each block (Kb is the block's full minor
+Scales: a's are passed [Z, Ib] with the whole Ib in each block (Ib is the block's full minor
 dimension, which Mosaic's (8, 128) rule allows), and step's column is picked with a one-hot
-select and a lane sum (no dynamic lane slice). b's are [Kb, N] (128x128 blocks repeated over
+select and a lane sum (no dynamic lane slice). b's are [Ib, O] (128x128 blocks repeated over
 their columns by the caller), their row read with a dynamic sublane slice.
 
 What ran: TPU interpret mode on CPU (tests/test_kernels_tpu.py) and ahead-of-time compilation
@@ -46,7 +47,7 @@ NATIVE_FP8_KINDS = ('TPU7x',)  # device_kind prefixes with FP8 in the MXU (see t
 def block_sizes(M: int, N: int, K: int, block_m: int | None, block_n: int | None,
                 block_k: int | None) -> tuple[int, int, int]:
   """Defaults: block_m the rows rounded to 32 up to 512, block_n 512, block_k 512 (narrower for
-  small N or K). block_m a multiple of 32, block_n and block_k multiples of 128."""
+  small O or I). block_m a multiple of 32, block_n and block_k multiples of 128."""
   if block_m is None:
     block_m = min(512, _round_up(M, FP8_ROWS))
   if block_n is None:
@@ -74,8 +75,8 @@ def matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array, b_scal
            out_dtype, *, block_m: int | None = None, block_n: int | None = None,
            block_k: int | None = None, native_fp8: bool | None = None,
            interpret: bool = False) -> jax.Array:
-  """a [M, K] E4M3, a_scales [M, Kb] f32, b [K, N] E4M3, b_scales [Kb, N] f32 (per column)
-  -> [M, N] out_dtype. Pads to whole tiles (zeros add nothing) and slices the result back."""
+  """a [Z, I] E4M3, a_scales [Z, Ib] f32, b [I, O] E4M3, b_scales [Ib, O] f32 (per column)
+  -> [Z, O] out_dtype. Pads to whole tiles (zeros add nothing) and slices the result back."""
   M, K = a_values.shape
   N = b_values.shape[1]
   block_m, block_n, block_k = block_sizes(M, N, K, block_m, block_n, block_k)
@@ -93,9 +94,9 @@ def matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array, b_scal
       grid=(Mp // block_m, Np // block_n, Kp // block_k),
       in_specs=[
           pl.BlockSpec((block_m, block_k), lambda i, j, k: (i, k)),  # a tile, FP8
-          pl.BlockSpec((block_m, Kbp), lambda i, j, k: (i, 0)),      # a scales, every K block
+          pl.BlockSpec((block_m, Kbp), lambda i, j, k: (i, 0)),      # a scales, every I block
           pl.BlockSpec((block_k, block_n), lambda i, j, k: (k, j)),  # b tile, FP8
-          pl.BlockSpec((Kbp, block_n), lambda i, j, k: (0, j)),      # b scales, every K block
+          pl.BlockSpec((Kbp, block_n), lambda i, j, k: (0, j)),      # b scales, every I block
       ],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, k: (i, j)),
       scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32)],
@@ -126,8 +127,8 @@ def vmem_bytes(block_m: int, block_n: int, block_k: int, K: int, out_itemsize: i
 
 
 def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, acc_ref, *, native_fp8: bool):
-  """One (row tile, column tile, K step): a [bm, bk], a_scales [bm, Kb], b [bk, bn],
-  b_scales [Kb, bn] -> acc [bm, bn]; out written at the last K step."""
+  """One (row tile, column tile, I step): a [bm, bk], a_scales [bm, Ib], b [bk, bn],
+  b_scales [Ib, bn] -> acc [bm, bn]; out written at the last I step."""
   k = pl.program_id(2)
   block_m, block_k = a_ref.shape
   sub_blocks = block_k // BLOCK_K
@@ -139,10 +140,10 @@ def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, acc_ref, *, nativ
   a, b = a_ref[...], b_ref[...]
   if not native_fp8:  # no FP8 in the MXU: widen in VMEM, exactly
     a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  a_scales = a_scales_ref[...]  # [bm, Kb]
+  a_scales = a_scales_ref[...]  # [bm, Ib]
   lane = jax.lax.broadcasted_iota(jnp.int32, a_scales.shape, 1)
   acc = acc_ref[...]
-  for u in range(sub_blocks):  # static: the 128-wide K blocks of this step
+  for u in range(sub_blocks):  # static: the 128-wide I blocks of this step
     kb = k * sub_blocks + u
     cols = slice(u * BLOCK_K, (u + 1) * BLOCK_K)
     partial = jnp.dot(a[:, cols], b[cols, :], preferred_element_type=jnp.float32)

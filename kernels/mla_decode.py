@@ -99,10 +99,10 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (o [B, Tq, N, C] in q_latent's dtype, lse [B, Tq, N] float32); see the module docstring.
 
-  block_table: a paged cache. c_kv [P, page, C] and k_rope [P, page, R] are then pools of P pages
-  and block_table [B, pages] int32 lists each sequence's pages in order (slot s of sequence b is
-  row s % page of page block_table[b, s // page]); entries past a sequence's length are never
-  read. The page size is the loop step (block_s is ignored).
+  block_table: a paged cache. c_kv [pages, page, C] and k_rope [pages, page, R] are then pools
+  of pages and block_table [B, pages] int32 lists each sequence's pages in order (slot s of
+  sequence b is row s % page of page block_table[b, s // page]); entries past a sequence's length
+  are never read. The page size is the loop step (block_s is ignored).
   backend: 'triton' (this module's kernel), 'mosaic_tpu' (`kernels/mla_decode_tpu.py`) or None:
   picked by the platform being lowered for (`jax.lax.platform_dependent`: Mosaic on TPU, Triton
   elsewhere), so a program compiled ahead of time for a TPU from a CPU host gets the TPU kernel.
@@ -139,14 +139,14 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
 
 
 def _rows(q_latent, q_rope, rows: int):
-  """Queries as rows: [B, Tq, N, X] -> [B, rows, X], row z = t N + n, zero-padded."""
+  """Queries as rows: [B, Tq, N, ...] -> [B, Z, ...], row z = t N + n, zero-padded to `rows`."""
   B, Tq, N, _ = q_latent.shape
   return (_pad_axis(q_latent.reshape(B, Tq * N, -1), 1, rows),
           _pad_axis(q_rope.reshape(B, Tq * N, -1), 1, rows))
 
 
 def _finish(o, lse, q_latent):
-  """Chunks' partials [B, K, Zp, C], [B, K, Zp] -> (o [B, Tq, N, C], lse [B, Tq, N])."""
+  """Chunks' partials [B, W, Zp, C], [B, W, Zp] -> (o [B, Tq, N, C], lse [B, Tq, N])."""
   B, Tq, N, C = q_latent.shape
   Z = Tq * N
   o, lse = combine(o, lse)  # [B, Zp, C], [B, Zp]
@@ -238,8 +238,8 @@ def _triton(q_latent, q_rope, c_kv, k_rope, lengths, *, scale, block_table, bloc
 def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, *refs, scale: float, num_queries: int,
             num_heads: int, block_s: int, chunk: int, paged: bool):
   """One (sequence, row block, chunk): q [rows, C], qr [rows, R] over the chunk's slots, from
-  c [chunk, C], kr [chunk, R], or, paged, from the pools [P, page, C], [P, page, R] through the
-  chunk's block-table entries table [chunk / page]."""
+  c [chunk, C], kr [chunk, R], or, paged, from the pools [pages, page, C], [pages, page, R]
+  through the chunk's block-table entries table [chunk / page]."""
   table_ref, o_ref, lse_ref = refs if paged else (None, *refs)
   rows = q_ref.shape[0]
   length = lengths_ref[0]
@@ -280,15 +280,15 @@ def _kernel(lengths_ref, q_ref, qr_ref, c_ref, kr_ref, *refs, scale: float, num_
 
 
 def combine(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Chunks' normalised outputs o [B, K, Z, C] and log-sum-exps lse [B, K, Z] -> the whole
-  cache's (o [B, Z, C], lse [B, Z]): each chunk weighted by exp(lse_k - lse). Rows no chunk saw
+  """Chunks' normalised outputs o [B, W, Z, C] and log-sum-exps lse [B, W, Z] -> the whole
+  cache's (o [B, Z, C], lse [B, Z]): each chunk weighted by exp(lse_w - lse). Rows no chunk saw
   stay o = 0, lse = -inf."""
   top = jnp.max(lse, axis=1, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   weight = jnp.exp(lse - top)  # 0 for empty chunks
   total = jnp.sum(weight, axis=1)  # [B, Z]
   seen = total > 0
-  o = jnp.einsum('BKZ,BKZC->BZC', weight, o) / jnp.where(seen, total, 1.0)[..., None]
+  o = jnp.einsum('BWZ,BWZC->BZC', weight, o) / jnp.where(seen, total, 1.0)[..., None]
   return o, jnp.where(seen, top[:, 0] + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 

@@ -63,8 +63,9 @@ def partials(q: jax.Array, qr: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
              block_table: jax.Array | None, block_rows: int, block_s: int,
              num_splits: int | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Rows q [B, Zp, C], qr [B, Zp, R] (Zp a multiple of block_rows) over c_kv [B, Sp, C],
-  k_rope [B, Sp, R] (Sp a multiple of block_s) or, paged, pools [P, page, C], [P, page, R] with
-  block_table [B, pages] -> per-chunk (o [B, K, Zp, C] normalised, lse [B, K, Zp]) float32."""
+  k_rope [B, Sp, R] (Sp a multiple of block_s) or, paged, pools [pages, page, C],
+  [pages, page, R] with block_table [B, pages] -> per-chunk (o [B, W, Zp, C] normalised,
+  lse [B, W, Zp]) float32."""
   B, Zp, C = q.shape
   R = qr.shape[-1]
   paged = block_table is not None

@@ -2,8 +2,8 @@
 
 `mla_decode`: absorbed attention of Tq new queries per sequence over the latent cache, with
 FlashMLA's length convention. `fp8_matmul`: the block-scaled FP8 GEMM (V3 report §3.3: one FP8
-product per 128-wide K block, scaled and added to an FP32 sum); `block_scaled_matmul` is its
-scan over K blocks, which `deepseek_jax.fp8` also runs as its 'jnp' GEMM. They are also the
+product per 128-wide I block, scaled and added to an FP32 sum); `block_scaled_matmul` is its
+scan over I blocks, which `deepseek_jax.fp8` also runs as its 'jnp' GEMM. They are also the
 'xla' side of each kernel's switch where the model has no faster XLA path of its own.
 
 Dependencies point one way: `deepseek_jax` imports `kernels`, never the reverse.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
+BLOCK_K = 128  # N_C: I elements per FP8 partial product before promotion to FP32
 
 
 def visible(lengths: jax.Array, num_queries: int) -> jax.Array:
@@ -51,18 +51,18 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
 
 
 def gather_pages(pool: jax.Array, block_table: jax.Array) -> jax.Array:
-  """A paged cache made contiguous: pool [P, page, X], block_table [B, pages] -> [B, pages x
-  page, X], slot s of sequence b from row s % page of page block_table[b, s // page]."""
+  """A paged cache made contiguous: pool [pages, page, ...], block_table [B, pages] -> [B, pages x
+  page, ...], slot s of sequence b from row s % page of page block_table[b, s // page]."""
   B, pages = block_table.shape
   return pool[block_table].reshape(B, pages * pool.shape[1], pool.shape[2])
 
 
 def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
                b_scales: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-  """E4M3 a [M, K] with 1x128 scales [M, K/128] . E4M3 b [K, N] with 128x128 scales
-  [K/128, N/128] -> [M, N] out_dtype: per 128-wide K block one FP8 product accumulated in FP32,
+  """E4M3 a [Z, I] with 1x128 scales [Z, I/128] . E4M3 b [I, O] with 128x128 scales
+  [I/128, O/128] -> [Z, O] out_dtype: per 128-wide I block one FP8 product accumulated in FP32,
   multiplied by both blocks' scales and added to an FP32 sum (V3 §3.3's promotion).
-  b_scales may also be [K/128, N] (128x1 tiles)."""
+  b_scales may also be [I/128, O] (128x1 tiles)."""
   N = b_values.shape[1]
   return block_scaled_matmul(a_values, per_line(a_scales, a_values.shape[0], axis=0), b_values,
                              per_line(b_scales, N, axis=1)).astype(out_dtype)
@@ -70,27 +70,27 @@ def fp8_matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array,
 
 def block_scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
                         w_scales: jax.Array, accumulate: str = 'float32') -> jax.Array:
-  """x_values [M, K], x_scales [M, Kb] (per row), w_values [K, N], w_scales [Kb, N] (per column)
-  -> float32 [M, N]: literally one FP8 GEMM per 128-wide K block, scaled and added in FP32.
+  """x_values [Z, I], x_scales [Z, I/128] (per row), w_values [I, O], w_scales [I/128, O] (per
+  column) -> float32 [Z, O]: literally one FP8 GEMM per 128-wide I block, scaled and added in FP32.
   accumulate='bfloat16' rounds the running sum to BF16 after every block (a stand-in for a
   low-precision accumulator)."""
   M, K = x_values.shape
   N = w_values.shape[1]
   Kb = x_scales.shape[1]
-  pad = Kb * BLOCK_K - K  # zero-padding K adds nothing to any product
+  pad = Kb * BLOCK_K - K  # zero-padding I adds nothing to any product
   x_blocks = jnp.pad(x_values, ((0, 0), (0, pad))).reshape(M, Kb, BLOCK_K).transpose(1, 0, 2)
   w_blocks = jnp.pad(w_values, ((0, pad), (0, 0))).reshape(Kb, BLOCK_K, N)
 
   def add_block(acc, block):
-    xb, wb, xs, ws = block  # [M, k], [k, N], [M], [N]
-    partial = jnp.einsum('Mk,kN->MN', xb, wb, preferred_element_type=jnp.float32)
+    xb, wb, xs, ws = block  # [Z, i], [i, O], [Z], [O]
+    partial = jnp.einsum('Zi,iO->ZO', xb, wb, preferred_element_type=jnp.float32)
     acc = acc + partial * xs[:, None] * ws[None, :]  # promotion: scale in FP32, add in FP32
     if accumulate == 'bfloat16':
       acc = acc.astype(jnp.bfloat16).astype(jnp.float32)
     return acc, None
 
   acc, _ = jax.lax.scan(add_block, jnp.zeros((M, N), jnp.float32),
-                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, M, k], [b, k, N], ...
+                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, Z, i], [b, i, O], ...
   return acc
 
 

@@ -1,7 +1,7 @@
 """FP8 block-scaled quantization and GEMMs (V3 report §3.3) against float64 numpy references:
 quantize/dequantize round trips (error bound, exact grid values, padding, UE8M0 scales, zero
 tiles), fine-grained vs per-tensor scaling on outlier activations, the block-scaled matmul and
-FP32 promotion vs a BF16 running sum as K grows, and gradients of the FP8 linear layers."""
+FP32 promotion vs a BF16 running sum as I grows, and gradients of the FP8 linear layers."""
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +153,7 @@ def test_fine_grained_scaling_survives_outliers():
 @pytest.mark.parametrize('pow2_scale', [False, True])
 def test_matmul_matches_float64(pow2_scale):
   rng = np.random.default_rng(5)
-  x = rng.standard_normal((2, 24, 1000)).astype(np.float32)  # K not a multiple of 128
+  x = rng.standard_normal((2, 24, 1000)).astype(np.float32)  # I not a multiple of 128
   w = rng.standard_normal((1000, 96)).astype(np.float32)
   y = matmul(jnp.asarray(x), jnp.asarray(w), pow2_scale=pow2_scale)
   assert y.shape == (2, 24, 96) and y.dtype == jnp.float32
@@ -189,8 +189,8 @@ def test_fp32_promotion_stays_exact_while_a_bf16_running_sum_drifts():
 @pytest.mark.parametrize('x_block,w_block', [(fp8.ACT_BLOCK, fp8.WEIGHT_BLOCK),
                                              (fp8.WEIGHT_BLOCK, fp8.TOKEN_BLOCK)])
 def test_dequant_impl_equals_the_blockwise_reference(x_block, w_block):
-  """The CPU path (one FP32 GEMM of dequantized operands) against the per-K-block reference:
-  equal up to FP32 rounding and summation order, for M, K, N off the 128 grid and for both
+  """The CPU path (one FP32 GEMM of dequantized operands) against the per-I-block reference:
+  equal up to FP32 rounding and summation order, for Z, I, O off the 128 grid and for both
   scale layouts (1x128 / 128x128 forward, 128x128 / 128x1 as in wgrad)."""
   rng = np.random.default_rng(11)
   x = jnp.asarray(spread_normal(rng, (150, 300)), jnp.float32)
@@ -209,7 +209,7 @@ def test_dequant_impl_equals_the_blockwise_reference(x_block, w_block):
 
 def test_linear_gradients_match_float64():
   rng = np.random.default_rng(7)
-  x = rng.standard_normal((2, 72, 200)).astype(np.float32)  # 144 tokens, K 200: padded tiles
+  x = rng.standard_normal((2, 72, 200)).astype(np.float32)  # 144 tokens, I 200: padded tiles
   w = (rng.standard_normal((200, 136)) / np.sqrt(200)).astype(np.float32)
   g = rng.standard_normal((2, 72, 136)).astype(np.float32)  # dL/dy
 
@@ -248,7 +248,7 @@ def test_expert_linear_gradients_match_float64():
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
   x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
   y = fp8.expert_linear(jnp.asarray(x), jnp.asarray(w))
-  assert rel_fro(y, np.einsum('EMK,EKN->EMN', x64, w64)) < 0.05
+  assert rel_fro(y, np.einsum('EZI,EIO->EZO', x64, w64)) < 0.05
   for e in range(E):  # per expert, so one expert's bad gradient cannot hide among the others
     assert cosine(dx[e], g64[e] @ w64[e].T) >= 0.99
     assert cosine(dw[e], x64[e].T @ g64[e]) >= 0.99

@@ -17,7 +17,7 @@ def test_linear_value_and_gradients_equal_float64_numpy(out_dtype):
   d_x, d_w = vjp(jnp.asarray(d_y, jnp.float32))
   np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(d_x, d_y @ w.T, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(d_w, np.einsum('btk,btn->kn', x, d_y), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_w, np.einsum('bti,bto->io', x, d_y), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_linear_gradients_equal_autodiff_and_keep_dtypes():
@@ -25,7 +25,7 @@ def test_batched_linear_gradients_equal_autodiff_and_keep_dtypes():
   x = jnp.asarray(rng.normal(size=(4, 6, 8)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(4, 8, 5)), jnp.bfloat16)
   d_y = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.bfloat16)
-  plain = jax.vjp(lambda a, b: jnp.einsum('GMK,GKN->GMN', a, b), x, w)[1](d_y)
+  plain = jax.vjp(lambda a, b: jnp.einsum('EZI,EIO->EZO', a, b), x, w)[1](d_y)
   ours = jax.vjp(linear.batched_linear, x, w)[1](d_y)
   for p, o in zip(plain, ours):
     assert o.dtype == p.dtype == jnp.bfloat16

@@ -1,31 +1,32 @@
 """Block-scaled FP8 GEMMs (V3 report §3.3) and the FP8 linear layer: all three of its GEMMs in FP8.
 
-Letters here are GEMM-local: M rows (tokens), K contraction, N output columns, b the 128-wide
-K block, k a position inside it.
+Letters (deepseek_jax/DESIGN.md): Z rows (tokens), I contraction, O output columns, i a 128-wide I
+block.
 
-`scaled_matmul` multiplies already-quantized E4M3 operands: for each K block b it takes the FP8
+`scaled_matmul` multiplies already-quantized E4M3 operands: for each I block i it takes the FP8
 product with FP32 accumulation, multiplies it by the two operands' scales of that block, and adds
 it to an FP32 running sum — the report's "promotion to CUDA cores every N_C = 128 elements".
 `accumulate='bfloat16'` rounds that running sum to BF16 after every block instead: a stand-in for
-a low-precision accumulator, whose error grows with K (tests/test_fp8.py measures both).
+a low-precision accumulator, whose error grows with I (tests/test_fp8.py measures both).
 
-`matmul(x, w)` quantizes high-precision operands online (x in 1x128 tiles along K, w in 128x128
+`matmul(x, w)` quantizes high-precision operands online (x in 1x128 tiles along I, w in 128x128
 blocks) and calls `scaled_matmul`. `linear(x, w)` is the same forward with a custom VJP:
-  forward  y  = x  . w     x: 1x128 tiles along K,        w: 128x128 blocks
-  dgrad    dx = dy . w^T   dy: 1x128 tiles along N,       w^T: the same 128x128 blocks, transposed
-  wgrad    dw = x^T . dy   x and dy: 128x1 tiles along the token dim M (the contraction here)
+  forward  y  = x  . w     x: 1x128 tiles along I,        w: 128x128 blocks
+  dgrad    dx = dy . w^T   dy: 1x128 tiles along O,       w^T: the same 128x128 blocks, transposed
+  wgrad    dw = x^T . dy   x and dy: 128x1 tiles along the token dim Z (the contraction here)
 The forward caches x in FP8 (already re-tiled for wgrad) and the quantized weight, not x itself.
 
 Implementations behind `scaled_matmul(impl=...)` (see `_dispatch`), one signature and semantics:
-- 'jnp': the reference, literally one FP8 GEMM per K block, scaled and added in FP32;
-- 'dequant': the same sum with the scales moved inside it, sum_k (x_k s_x,b(k)) (w_k s_w,b(k)),
-  as one FP32 GEMM of the dequantized operands. An E4M3 value times its FP32 scale is exact up to
-  one FP32 rounding, so it differs from 'jnp' only by FP32 rounding and summation order (tested).
+- 'jnp': the reference, literally one FP8 GEMM per I block, scaled and added in FP32;
+- 'dequant': the same sum with the scales moved inside it, each element times its block i's
+  scale, sum over I of (x s_x,i) (w s_w,i), as one FP32 GEMM of the dequantized operands. An
+  E4M3 value times its FP32 scale is exact up to one FP32 rounding, so it differs from 'jnp' only
+  by FP32 rounding and summation order (tested).
   CPUs have no FP8 units (XLA converts FP8 operands to FP32 anyway), so 'auto' picks it there:
-  one GEMM instead of K/128 small ones.
+  one GEMM instead of I/128 small ones.
 - 'pallas': `kernels/fp8_matmul.py`, the same per-block sum as one Pallas kernel (Triton on GPU,
   Mosaic on TPU, interpret mode on CPU). It takes x scales per row and w scales per column of
-  each K block, which every layout here becomes after `_per_line`. 'auto' never picks it; the
+  each I block, which every layout here becomes after `_per_line`. 'auto' never picks it; the
   model's `fp8_matmul_kernel` switch does, through `kernel_impl`.
 """
 
@@ -41,7 +42,7 @@ from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_bl
 from kernels import fp8_matmul as fp8_kernel
 from kernels import reference
 
-BLOCK_K = 128  # N_C: K elements per FP8 partial product before promotion to FP32
+BLOCK_K = 128  # N_C: I elements per FP8 partial product before promotion to FP32
 ACCUMULATE = ('float32', 'bfloat16')
 IMPLS = ('auto', 'jnp', 'dequant', 'pallas')
 MIN_FP8_COMPUTE_CAPABILITY = 8.9  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -50,58 +51,58 @@ MIN_FP8_COMPUTE_CAPABILITY = 8.9  # Ada / Hopper: the first GPUs with FP8 tensor
 def scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
                   w_scales: jax.Array, *, accumulate: str = 'float32',
                   impl: str = 'auto') -> jax.Array:
-  """FP8 x [M, K] . FP8 w [K, N] -> float32 [M, N], scales applied per 128-wide K block.
+  """FP8 x [Z, I] . FP8 w [I, O] -> float32 [Z, O], scales applied per 128-wide I block.
 
-  x_scales [M, K/128] (1x128 tiles) or [M/128, K/128] (128x128 blocks);
-  w_scales [K/128, N/128] (128x128 blocks) or [K/128, N] (128x1 tiles). Divisions round up.
+  x_scales [Z, I/128] (1x128 tiles) or [Z/128, I/128] (128x128 blocks);
+  w_scales [I/128, O/128] (128x128 blocks) or [I/128, O] (128x1 tiles). Divisions round up.
   """
-  M, K = x_values.shape
-  K2, N = w_values.shape
-  if K != K2:
+  Z, I = x_values.shape
+  I2, O = w_values.shape
+  if I != I2:
     raise ValueError(f'scaled_matmul: contraction dims differ, x {x_values.shape}, '
                      f'w {w_values.shape}')
   if accumulate not in ACCUMULATE:
     raise ValueError(f'scaled_matmul: accumulate={accumulate!r}, expected one of {ACCUMULATE}')
-  Kb = num_blocks(K, BLOCK_K)
-  if x_scales.shape[1] != Kb or w_scales.shape[0] != Kb:
+  Ib = num_blocks(I, BLOCK_K)
+  if x_scales.shape[1] != Ib or w_scales.shape[0] != Ib:
     raise ValueError(f'scaled_matmul: scales {x_scales.shape}, {w_scales.shape} are not per '
-                     f'{BLOCK_K}-wide block of K = {K}')
-  x_scales = _per_line(x_scales, M, axis=0)  # [M, Kb]
-  w_scales = _per_line(w_scales, N, axis=1)  # [Kb, N]
+                     f'{BLOCK_K}-wide block of I = {I}')
+  x_scales = _per_line(x_scales, Z, axis=0)  # [Z, I/128]
+  w_scales = _per_line(w_scales, O, axis=1)  # [I/128, O]
   return _dispatch(impl)(x_values, x_scales, w_values, w_scales, accumulate)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False, accumulate: str = 'float32',
            impl: str = 'auto') -> jax.Array:
-  """x [..., K] . w [K, N] -> [..., N] in x's dtype, both operands quantized online to E4M3.
+  """x [..., I] . w [I, O] -> [..., O] in x's dtype, both operands quantized online to E4M3.
 
   Forward only; to train through it use `linear` (same forward, FP8 backward).
   """
-  *lead, K = x.shape
-  N = w.shape[1]
-  x_values, x_scales = quantize(x.reshape(-1, K), ACT_BLOCK, pow2_scale=pow2_scale)
+  *lead, I = x.shape
+  O = w.shape[1]
+  x_values, x_scales = quantize(x.reshape(-1, I), ACT_BLOCK, pow2_scale=pow2_scale)
   w_values, w_scales = quantize(w, WEIGHT_BLOCK, pow2_scale=pow2_scale)
   y = scaled_matmul(x_values, x_scales, w_values, w_scales, accumulate=accumulate, impl=impl)
-  return y.reshape(*lead, N).astype(x.dtype)
+  return y.reshape(*lead, O).astype(x.dtype)
 
 
 def linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
            impl: str = 'auto') -> jax.Array:
-  """x [..., K] . w [K, N] -> [..., N] in x's dtype; forward, dgrad and wgrad all in FP8.
+  """x [..., I] . w [I, O] -> [..., O] in x's dtype; forward, dgrad and wgrad all in FP8.
 
-  A drop-in for `jnp.einsum('...K,KN->...N', x, w)`. Gradients come back in x's and w's dtypes.
+  A drop-in for `jnp.einsum('...I,IO->...O', x, w)`. Gradients come back in x's and w's dtypes.
   """
-  *lead, K = x.shape
-  N = w.shape[1]
+  *lead, I = x.shape
+  O = w.shape[1]
   # Through float32 so the custom VJP needs no dtype bookkeeping: the cast's transpose returns
   # dw in w's dtype (a no-op for FP32 master weights).
-  y = _fp8_linear(x.reshape(-1, K), w.astype(jnp.float32), pow2_scale, impl)
-  return y.reshape(*lead, N)
+  y = _fp8_linear(x.reshape(-1, I), w.astype(jnp.float32), pow2_scale, impl)
+  return y.reshape(*lead, O)
 
 
 def expert_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
                   impl: str = 'auto') -> jax.Array:
-  """Per-expert FP8 linear: x [E, M, K] . w [E, K, N] -> [E, M, N] ('EMK,EKN->EMN')."""
+  """Per-expert FP8 linear: x [E, Z, I] . w [E, I, O] -> [E, Z, O] ('EZI,EIO->EZO')."""
   return jax.vmap(functools.partial(linear, pow2_scale=pow2_scale, impl=impl))(x, w)
 
 
@@ -148,10 +149,10 @@ def _fp8_linear_fwd(x, w, pow2_scale, impl):
 
 def _fp8_linear_bwd(pow2_scale, impl, residuals, dy):
   xt_values, xt_scales, w_values, w_scales = residuals
-  # dgrad: contraction over N, so dy is tiled 1x128 along N; w^T keeps its 128x128 blocks.
+  # dgrad: contraction over O, so dy is tiled 1x128 along O; w^T keeps its 128x128 blocks.
   dy_values, dy_scales = quantize(dy, ACT_BLOCK, pow2_scale=pow2_scale)
   dx = scaled_matmul(dy_values, dy_scales, w_values.T, w_scales.T, impl=impl)
-  # wgrad: contraction over tokens, so x and dy are both tiled 128x1 along M.
+  # wgrad: contraction over tokens, so x and dy are both tiled 128x1 along Z.
   dyt_values, dyt_scales = quantize(dy, TOKEN_BLOCK, pow2_scale=pow2_scale)
   dw = scaled_matmul(xt_values.T, xt_scales.T, dyt_values, dyt_scales, impl=impl)
   return dx.astype(dy.dtype), dw
@@ -179,21 +180,21 @@ def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
   """One FP32 GEMM of the dequantized operands (see the module docstring); shapes as `jnp`."""
   if accumulate != 'float32':  # a rounded running sum only exists block by block
     return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
-  K = x_values.shape[1]
-  x = x_values.astype(jnp.float32) * _per_line(x_scales, K, axis=1)  # a scale per K element
-  w = w_values.astype(jnp.float32) * _per_line(w_scales, K, axis=0)
+  I = x_values.shape[1]
+  x = x_values.astype(jnp.float32) * _per_line(x_scales, I, axis=1)  # a scale per I element
+  w = w_values.astype(jnp.float32) * _per_line(w_scales, I, axis=0)
   return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _scaled_matmul_pallas(x_values, x_scales, w_values, w_scales, accumulate):
-  """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of a K block)."""
+  """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of an I block)."""
   if accumulate != 'float32':  # the kernel keeps its running sum in FP32 only
     return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
   return fp8_kernel.fp8_matmul(x_values, x_scales, w_values, w_scales)
 
 
 def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):
-  """Reference: x_values [M, K], x_scales [M, Kb], w_values [K, N], w_scales [Kb, N]."""
+  """Reference: x_values [Z, I], x_scales [Z, I/128], w_values [I, O], w_scales [I/128, O]."""
   return reference.block_scaled_matmul(x_values, x_scales, w_values, w_scales, accumulate)
 
 

@@ -1,7 +1,7 @@
 """Matrix products of the model's linear layers, with the backward pass written out.
 
-`linear(x, w)` is `x @ w` for x [..., K] and w [K, N]; `batched_linear` is the same per group
-(`'GMK,GKN->GMN'`). Their gradients are the textbook ones, dx = dy wᵀ and dw = xᵀ dy, with xᵀ
+`linear(x, w)` is `x @ w` for x [..., I] and w [I, O]; `batched_linear` is the same per expert
+(`'EZI,EIO->EZO'`). Their gradients are the textbook ones, dx = dy wᵀ and dw = xᵀ dy, with xᵀ
 materialized first: XLA:CPU's fast dot (YNNPACK) wants the contracted dimension of its left
 operand last, and when autodiff leaves the transpose to XLA it fuses the producer's elementwise
 work (SwiGLU, norms) into a strided transpose that costs more than the matmul itself. On the
@@ -21,7 +21,7 @@ from deepseek_jax import fp8
 
 def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
            fp8_kernel: str = 'auto') -> jax.Array:
-  """x [..., K] @ w [K, N] -> [..., N], computed in x's dtype (accumulated in `out_dtype`), or
+  """x [..., I] @ w [I, O] -> [..., O], computed in x's dtype (accumulated in `out_dtype`), or
   with precision='fp8' as the block-scaled FP8 GEMMs of `deepseek_jax.fp8` (forward and both
   gradients), run by `fp8_kernel` ('auto', 'pallas' or 'xla', see `fp8.matmul.kernel_impl`)."""
   K, N = w.shape
@@ -35,7 +35,7 @@ def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
 
 def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
                    fp8_kernel: str = 'auto') -> jax.Array:
-  """x [G, M, K] @ w [G, K, N] -> [G, M, N] (one product per group G)."""
+  """x [E, Z, I] @ w [E, I, O] -> [E, Z, O] (one product per expert E)."""
   if precision == 'fp8':
     impl = fp8.matmul.kernel_impl(fp8_kernel)
     return fp8.expert_linear(x, w.astype(x.dtype), impl=impl).astype(out_dtype or x.dtype)
@@ -44,7 +44,7 @@ def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _batched_linear(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-  return jnp.einsum('GMK,GKN->GMN', x, w, preferred_element_type=out_dtype)
+  return jnp.einsum('EZI,EIO->EZO', x, w, preferred_element_type=out_dtype)
 
 
 def _forward(x, w, out_dtype):
@@ -55,8 +55,8 @@ def _backward(out_dtype, residuals, d_y):
   del out_dtype
   x, w = residuals
   d_y = d_y.astype(x.dtype)
-  d_x = jnp.einsum('GMN,GKN->GMK', d_y, w)
-  d_w = jnp.einsum('GKM,GMN->GKN', transposed(x), d_y)
+  d_x = jnp.einsum('EZO,EIO->EZI', d_y, w)
+  d_w = jnp.einsum('EIZ,EZO->EIO', transposed(x), d_y)
   return d_x, d_w.astype(w.dtype)
 
 

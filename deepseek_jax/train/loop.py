@@ -87,7 +87,7 @@ def _jsonl_upto(path: pathlib.Path, step: int) -> list[dict]:
 
 
 class _MetricsLog:
-  """metrics.jsonl (one JSON object per logged step), expert_load.jsonl ([M, E] per logged step)
+  """metrics.jsonl (one JSON object per logged step), expert_load.jsonl ([L_moe, E] per logged step)
   and TensorBoard events in the workdir; only in memory when not `enabled` (processes > 0)."""
 
   def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool = True):

@@ -45,7 +45,7 @@ def max_violation(expert_load: jax.Array) -> jax.Array:
   """MaxVio = max_i load_i / mean load - 1 per MoE layer, averaged over layers; 0 without any."""
   if expert_load.shape[0] == 0:
     return jnp.float32(0.0)
-  load = expert_load.astype(jnp.float32)  # [M, E]
+  load = expert_load.astype(jnp.float32)  # [L_moe, E]
   mean = jnp.mean(load, axis=-1)
   vio = jnp.where(mean > 0, jnp.max(load, axis=-1) / jnp.maximum(mean, 1e-30) - 1.0, 0.0)
   return jnp.mean(vio)

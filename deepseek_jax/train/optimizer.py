@@ -28,7 +28,7 @@ LABELS = {'params': 'adamw', 'router_bias': 'bias'}  # a prefix of the trainable
 
 
 def bias_loads(router_bias_state: nnx.State, expert_load: jax.Array, cfg: ModelConfig) -> nnx.State:
-  """Each router bias's row of the model's `expert_load` [M, E], in the bias state's structure.
+  """Each router bias's row of the model's `expert_load` [L_moe, E], in the bias state's structure.
 
   Rows are the MoE layers in order (main layer i >= first_k_dense is row i - first_k_dense),
   then MTP module k's block (row num_layers - first_k_dense + k).

@@ -49,7 +49,7 @@ def initializer(cfg: ModelConfig, seed: int,
 def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train: TrainConfig, tree: dict,
                    batch: dict,
                    step: jax.Array) -> tuple[tuple[jax.Array, tuple[dict, jax.Array]], nnx.State]:
-  """((loss, (metrics, expert_load [M, E])), grads of the params) for one batch
+  """((loss, (metrics, expert_load [L_moe, E])), grads of the params) for one batch
   {'inputs', 'targets'}: int [B, T]; pure, for jit."""
   mask = jnp.ones(batch['targets'].shape, jnp.float32)  # packed windows: every target is real
 
