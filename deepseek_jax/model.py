@@ -1,13 +1,21 @@
 """The DeepSeek-V3 language model: embedding, L decoder blocks, final norm, head, P MTP modules.
 
-`DeepSeekV3(cfg, rngs)(tokens)` returns a `ModelOutput` with the main logits, the MTP logits per
-depth and the router statistics of every MoE layer (main layers first, then MTP blocks). At a jit
-boundary use `nnx.split` and `apply(graphdef, state, tokens)`, a pure function of arrays.
+One forward pass for every use. `DeepSeekV3(cfg, rngs)(tokens)` trains: it returns a
+`ModelOutput` with the main logits, the MTP logits per depth, and per MoE layer (main layers
+first, then MTP blocks) the expert load, the sequence-wise balance loss and each token's routed
+experts. `model(tokens, cache=cache)` is the same pass for T new tokens per sequence at positions
+cache.lengths[b] + t: every block's attention reads and writes its layer of the cache (absorbed on
+a `LatentCache`, naive on a `NaiveCache`), and `output.cache` is the updated cache (moving
+`lengths` is the caller's). With a cache the MTP modules do not run: drafting feeds them tokens
+the main pass has not seen yet, through `mtp_forward`, which the training pass also uses. At a
+jit boundary use `nnx.split` and `apply(graphdef, state, tokens)`, a pure function of arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +24,8 @@ from flax import nnx, struct
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import linear, param
 from deepseek_jax.layers.block import Block
+from deepseek_jax.layers.kv_cache import Cache, slot_positions
+from deepseek_jax.layers.moe import MoEStats
 from deepseek_jax.layers.mtp import MTPModule
 from deepseek_jax.layers.norm import RMSNorm
 
@@ -25,8 +35,17 @@ class ModelOutput:
   logits: jax.Array            # [B, T, V] float32, predicts token t+1
   mtp_logits: jax.Array        # [P, B, T, V] float32, depth k (1-based) predicts token t+k+1
   hidden: jax.Array            # [B, T, D] last block's output, before the final norm (h^0)
-  expert_load: jax.Array       # [M, E] int32, one row per MoE layer (main, then MTP blocks)
-  seq_balance_loss: jax.Array  # [M] float32, eqs. 17-20 per MoE layer, without alpha
+  expert_load: jax.Array       # [L_moe, E] int32, one row per MoE layer (main, then MTP blocks)
+  seq_balance_loss: jax.Array  # [L_moe] float32, eqs. 17-20 per MoE layer, without alpha
+  expert_ids: jax.Array | None = None  # [L_moe, B, T, K] int32, each token's routed experts
+  cache: Any = None            # the updated cache when one was given
+
+
+class MTPOutput(NamedTuple):
+  logits: jax.Array            # [B, T, V] float32, depth k predicts token t+k+1
+  hidden: jax.Array            # [B, T, D] h^k, the next depth's input
+  stats: MoEStats | None
+  cache: Cache | None          # the module's one-layer cache, updated, when one was given
 
 
 class DeepSeekV3(nnx.Module):
@@ -48,29 +67,35 @@ class DeepSeekV3(nnx.Module):
     return linear.linear(normed_hidden, self.head[...], out_dtype=jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> ModelOutput:
-    """tokens [B, T] int -> ModelOutput. positions default to 0..T-1."""
+               segment_ids: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
+    """tokens [B, T] int -> ModelOutput. positions default to 0..T-1, or with a cache to
+    cache.lengths[b] + t."""
     B, T = tokens.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+      positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+                   if cache is None else slot_positions(cache.lengths, T))
     x = self.embed_tokens(tokens)
-    stats = []
-    for block in self.layers:
-      x, layer_stats = block(x, positions, segment_ids)
+    stats, layers = [], []
+    for i, block in enumerate(self.layers):
+      x, layer_stats, layer = block(x, positions, segment_ids,
+                                    None if cache is None else cache.layer(i))
       stats.append(layer_stats)
+      layers.append(layer)
     hidden = x
     logits = self.logits(self.norm(x))
     mtp_logits = []
     h = hidden
-    for k, module in enumerate(self.mtp, start=1):
+    depths = range(1, len(self.mtp) + 1) if cache is None else ()  # drafting: `mtp_forward`
+    for k in depths:
       # Token t_{i+k} for position i; the last k positions have no such token and see padding
       # (their MTP targets do not exist either, so the loss masks them).
       next_tokens = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
-      h, normed, layer_stats = module(h, self.embed_tokens(next_tokens), positions, segment_ids)
-      mtp_logits.append(self.logits(normed))
-      stats.append(layer_stats)
+      mtp = self.mtp_forward(k, h, next_tokens, positions, segment_ids)
+      h = mtp.hidden
+      mtp_logits.append(mtp.logits)
+      stats.append(mtp.stats)
     moe_stats = [s for s in stats if s is not None]
-    E = self.cfg.n_routed_experts
+    E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
     return ModelOutput(
         logits=logits,
         mtp_logits=(jnp.stack(mtp_logits) if mtp_logits
@@ -80,7 +105,24 @@ class DeepSeekV3(nnx.Module):
                      else jnp.zeros((0, E), jnp.int32)),
         seq_balance_loss=(jnp.stack([s.seq_balance_loss for s in moe_stats]) if moe_stats
                           else jnp.zeros((0,), jnp.float32)),
+        expert_ids=(jnp.stack([s.experts for s in moe_stats]) if moe_stats
+                    else jnp.zeros((0, B, T, K), jnp.int32)),
+        cache=None if cache is None else cache.with_layers(layers),
     )
+
+  def mtp_forward(self, depth: int, h_prev: jax.Array, next_tokens: jax.Array,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  cache: Cache | None = None) -> MTPOutput:
+    """MTP module `depth` (1-based, V3 §2.2): h_prev [B, T, D] is h^{depth-1}_i, next_tokens [B, T]
+    is t_{i+depth}. With `cache` (the module's own one-layer cache, when drafting) positions
+    default to cache.lengths[b] + t, as in `__call__`."""
+    module = self.mtp[depth - 1]
+    if positions is None:
+      positions = slot_positions(cache.lengths, h_prev.shape[1])
+    h, normed, stats, layer = module(h_prev, self.embed_tokens(next_tokens), positions,
+                                     segment_ids, None if cache is None else cache.layer(0))
+    return MTPOutput(self.logits(normed), h, stats,
+                     None if cache is None else cache.with_layers([layer]))
 
 
 def _creation_context(mesh: jax.sharding.Mesh | None, rules) -> contextlib.AbstractContextManager:
@@ -96,9 +138,62 @@ def _creation_context(mesh: jax.sharding.Mesh | None, rules) -> contextlib.Abstr
 
 def create(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
            rules=None) -> DeepSeekV3:
-  """A freshly initialised model (sharded by `rules` over `mesh` when given)."""
+  """A freshly initialised model (sharded by `rules` over `mesh` when given).
+
+  Raises MemoryError at once, before allocating anything, when the parameters cannot fit."""
+  check_fits(cfg, mesh)
   with _creation_context(mesh, rules):
     return DeepSeekV3(cfg, nnx.Rngs(params=seed))
+
+
+def param_bytes(cfg: ModelConfig) -> int:
+  """Bytes of every variable of the model (parameters, router biases), as `abstract(cfg)` has
+  them, from one abstract block of each kind: tracing all 61 + 1 of V3's blocks takes minutes."""
+  def nbytes(make) -> int:
+    with nnx.use_eager_sharding(False):
+      module = nnx.eval_shape(lambda: make(nnx.Rngs(params=0)))
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(nnx.state(module)))
+  L, dense = cfg.num_layers, min(cfg.first_k_dense, cfg.num_layers)
+  D, V = cfg.hidden_size, cfg.vocab_size
+  total = (2 * V * D + D) * 4  # embedding, head, final norm: float32
+  if dense:
+    total += dense * nbytes(lambda rngs: Block(cfg, 0, rngs))
+  if L > dense:
+    total += (L - dense) * nbytes(lambda rngs: Block(cfg, dense, rngs))
+  return total + sum(nbytes(lambda rngs, k=k: MTPModule(cfg, k, rngs))
+                     for k in range(1, cfg.mtp_depth + 1))
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+  """What one device can hold: its allocator's limit on a GPU or TPU, the host's available
+  memory for a CPU device (None when neither is known)."""
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  try:
+    with open('/proc/meminfo', encoding='ascii') as f:
+      fields = dict(line.split(':', 1) for line in f)
+    return int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+def check_fits(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> None:
+  """MemoryError naming both sizes when even a perfect split of the parameters over the mesh's
+  devices (one device without a mesh) exceeds one device's memory. A lower bound on the need:
+  it passes configs that may still not fit with optimizer state and activations."""
+  devices = mesh.devices.size if mesh is not None else 1
+  device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+  need = param_bytes(cfg) / devices
+  have = device_memory_bytes(device)
+  if have is not None and need > have:
+    raise MemoryError(
+        f'model.create: the parameters need {need / 2**30:,.1f} GiB per device '
+        f'({param_bytes(cfg) / 2**30:,.1f} GiB over {devices} device(s)), but {device} '
+        f'({device.platform}) has {have / 2**30:,.1f} GiB available. Use model.abstract(cfg) '
+        'for shapes without memory, or a mesh with more devices (analysis.memory tabulates '
+        'the train state per device).')
 
 
 def abstract(cfg: ModelConfig) -> DeepSeekV3:

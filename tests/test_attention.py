@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.layers import mla
+from deepseek_jax.layers import attention
 
 
 def _inputs(seed=0, B=2, N=3, T=7, A=5, U=4):
@@ -14,7 +14,7 @@ def _inputs(seed=0, B=2, N=3, T=7, A=5, U=4):
   v, d_out = rng.normal(size=(B, N, T, U)), rng.normal(size=(B, N, T, U))
   positions = np.broadcast_to(np.arange(T), (B, T))
   segments = np.array([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])[:, :T]
-  mask = np.asarray(mla.causal_mask(jnp.asarray(positions), jnp.asarray(segments)))
+  mask = np.asarray(attention.causal_mask(jnp.asarray(positions), jnp.asarray(segments)))
   return q, k, v, d_out, mask
 
 
@@ -27,14 +27,14 @@ def _numpy_attention(q, k, v, mask, scale):
 
 def test_forward_matches_float64_numpy():
   q, k, v, _, mask = _inputs()
-  out = mla.attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask), 0.3)
+  out = attention.attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask), 0.3)
   np.testing.assert_allclose(out, _numpy_attention(q, k, v, mask, 0.3), atol=1e-5)
 
 
 def test_backward_matches_finite_differences_of_float64_numpy():
   q, k, v, d_out, mask = _inputs(1)
   args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-  _, vjp = jax.vjp(lambda *a: mla.attend(*a, jnp.asarray(mask), 0.3), *args)
+  _, vjp = jax.vjp(lambda *a: attention.attend(*a, jnp.asarray(mask), 0.3), *args)
   grads = vjp(jnp.asarray(d_out, jnp.float32))
   eps = 1e-6
   for which, grad in enumerate(grads):
@@ -54,8 +54,8 @@ def test_backward_matches_finite_differences_of_float64_numpy():
 def test_backward_equals_autodiff_of_the_same_forward(dtype):
   q, k, v, d_out, mask = _inputs(2, T=6)
   args = [jnp.asarray(a, dtype) for a in (q, k, v)]
-  plain = lambda *a: mla._attend_forward(*a, jnp.asarray(mask), 0.5)[0]
-  ours = lambda *a: mla.attend(*a, jnp.asarray(mask), 0.5)
+  plain = lambda *a: attention._attend_forward(*a, jnp.asarray(mask), 0.5)[0]
+  ours = lambda *a: attention.attend(*a, jnp.asarray(mask), 0.5)
   d_out = jnp.asarray(d_out, dtype)
   expected = jax.vjp(plain, *args)[1](d_out)
   got = jax.vjp(ours, *args)[1](d_out)

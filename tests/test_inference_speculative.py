@@ -19,7 +19,7 @@ from deepseek_jax.inference import decode, load, sampling, speculative
 from deepseek_jax.train import loop
 from deepseek_jax.data.tokenizer import BpeTokenizer
 from experiments.configs import tiny
-from tests.inference_util import full_logits, random_model, small_config
+from tests.tiny import full_logits, random_model, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = dict(vocab_size=384, hidden_size=48, num_layers=2, num_heads=2, qk_nope_head_dim=8,
@@ -87,7 +87,7 @@ def test_greedy_speculative_equals_greedy_on_trained_checkpoint(trained):
 
 def rejecting_model():
   """An untrained model: its MTP module's drafts are mostly wrong."""
-  cfg = small_config(num_layers=2)
+  cfg = tiny_config(num_layers=2)
   rng = np.random.default_rng(0)
   return random_model(cfg, seed=3), [rng.integers(0, cfg.vocab_size, n) for n in (7, 2, 12, 4)]
 
@@ -119,7 +119,7 @@ def test_speculative_sampling_path():
 
 
 def test_speculative_needs_an_mtp_module():
-  model = random_model(small_config(mtp_depth=0))
+  model = random_model(tiny_config(mtp_depth=0))
   with pytest.raises(ValueError, match='mtp_depth=0'):
     speculative.generate(model, [[1, 2]], 4)
 

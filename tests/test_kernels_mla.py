@@ -17,7 +17,7 @@ from deepseek_jax.inference import decode
 from experiments.configs import tiny
 from kernels import mla_decode as kernel
 from kernels import reference
-from tests.inference_util import random_model
+from tests.tiny import random_model
 
 SCALE = 0.15
 
@@ -133,7 +133,7 @@ def test_shape_errors_name_the_constraint():
     kernel.use_kernel('pallas', 1, 32, 8)
   assert not kernel.use_kernel('auto', 1, 32, 8)  # 'auto' falls back instead
   assert not kernel.use_kernel('xla', 1, 32, 16)
-  assert kernel.use_kernel('auto', 1, 32, 16) == (jax.default_backend() == 'gpu')
+  assert kernel.use_kernel('auto', 1, 32, 16) == (jax.default_backend() in ('gpu', 'tpu'))
   with pytest.raises(ValueError, match=r'lengths \(2,\) must be \[B\]'):
     kernel.mla_decode(ql[..., :32], qr, c[:, :, :32], kr, jnp.ones((2,), jnp.int32), SCALE)
   with pytest.raises(ValueError, match=r'shapes do not agree: q_latent \(1, 1, 4, 48\)'):
@@ -177,9 +177,9 @@ def cached_logits(model, prompts, new_tokens):
   def run(state, tokens, lengths, new_tokens):
     m = nnx.merge(graphdef, state)
     cache = cache_lib.init(m.cfg, len(prompts), max_len)
-    prefill, _, cache = decode.forward(m, tokens, cache)
-    step, _, _ = decode.forward(m, new_tokens, cache.replace(lengths=lengths))
-    return decode.at_lengths(prefill, lengths), step
+    prefill = m(tokens, cache=cache)
+    step = m(new_tokens, cache=prefill.cache.replace(lengths=lengths))
+    return decode.at_lengths(prefill.logits, lengths), step.logits
 
   return run(state, tokens, lengths, jnp.asarray(new_tokens, jnp.int32))
 

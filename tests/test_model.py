@@ -9,13 +9,11 @@ from flax import nnx
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
+from tests.tiny import tiny_config
 
 # 2 layers (1 dense, 1 MoE) + 2 MTP blocks (MoE): 3 MoE layers. YaRN on (factor 4 over 16).
-CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, qk_nope_head_dim=8,
-                  qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16, kv_lora_rank=12,
-                  intermediate_size=48, moe_intermediate_size=16, first_k_dense=1,
-                  n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
-                  topk_group=2, mtp_depth=2, rope_factor=4.0, rope_original_max_position=16,
+CFG = tiny_config(vocab_size=64, num_layers=2, num_heads=2, v_head_dim=8, n_shared_experts=1,
+                  mtp_depth=2, rope_factor=4.0, rope_original_max_position=16,
                   max_position_embeddings=64, init_std=0.02)
 B, T = 2, 8
 NUM_MOE = CFG.num_layers - CFG.first_k_dense + CFG.mtp_depth  # MTP blocks are MoE layers
@@ -59,10 +57,10 @@ def compose(m, x, next_embeddings, positions):
   next-token embeddings [B, T, D] -> logits [1 + P, B, T, V] (main head first)."""
   h = x
   for block in m.layers:
-    h, _ = block(h, positions)
+    h, _, _ = block(h, positions)
   outs = [m.logits(m.norm(h))]
   for module, e in zip(m.mtp, next_embeddings):
-    h, normed, _ = module(h, e, positions)
+    h, normed, _, _ = module(h, e, positions)
     outs.append(m.logits(normed))
   return jnp.stack(outs)
 
@@ -181,3 +179,19 @@ def test_packed_document_equals_document_alone(model):
   # Without the segment ids, B would attend to A: the test is sensitive to the mask.
   leaky = forward(model, packed, positions, jnp.zeros((B, T), jnp.int32))
   assert np.abs(np.asarray(leaky.logits[:, 3:] - want.logits[:, :5])).max() > 1e-2
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(first_k_dense=0, mtp_depth=2, q_lora_rank=None)])
+def test_param_bytes_counts_every_variable_of_the_abstract_model(tiny_config, overrides):
+  cfg = tiny_config(**overrides)
+  leaves = jax.tree.leaves(nnx.state(model_lib.abstract(cfg)))
+  assert model_lib.param_bytes(cfg) == sum(a.size * a.dtype.itemsize for a in leaves)
+
+
+def test_create_refuses_at_once_a_model_that_cannot_fit():
+  """DeepSeek-V3's default config (671B + MTP, float32 master weights) on one device: the error
+  comes before anything is allocated and gives both sizes."""
+  need = model_lib.param_bytes(ModelConfig()) / 2**30
+  assert 2_450 < need < 2_600  # ~684.5B variables x 4 bytes
+  with pytest.raises(MemoryError, match=rf'need {need:,.1f} GiB per device .* GiB available'):
+    model_lib.create(ModelConfig())

@@ -30,37 +30,48 @@ def num_blocks(size: int, block: int) -> int:
 
 def quantize(x: jax.Array, block: tuple[int, int], *,
              pow2_scale: bool = False) -> tuple[jax.Array, jax.Array]:
-  """x [..., R, C] -> (values [..., R, C] float8_e4m3fn, scales [..., R/br, C/bc] float32).
+  """x [..., rows, cols] -> (values [..., rows, cols] float8_e4m3fn,
+  scales [..., rows/br, cols/bc] float32).
 
   x ~= values * scales, each scale repeated over its br x bc tile (ceil division; the last tiles
   may be partial). A tile of zeros gets scale 1.
   """
   _check(x.shape, block)
-  R, C = x.shape[-2:]
+  rows, cols = x.shape[-2:]
   br, bc = block
-  tiles = _tiles(x.astype(jnp.float32), block)  # [..., Rb, br, Cb, bc]
-  amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))  # [..., Rb, Cb]
+  tiles = _tiles(x.astype(jnp.float32), block)  # [..., rows/br, br, cols/bc, bc]
+  amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))  # [..., rows/br, cols/bc]
   scales = amax / E4M3_MAX
   if pow2_scale:
     scales = _pow2_ceil(scales)
   scales = jnp.where(scales > 0, scales, 1.0)  # all-zero tile (or underflow): no 0/0
   scaled = tiles / scales[..., :, None, :, None]
   scaled = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX)  # guard rounding of amax / scale above 448
-  values = _untile(scaled, (R, C)).astype(FP8)
+  values = _untile(scaled, (rows, cols)).astype(FP8)
   return values, scales
 
 
 def dequantize(values: jax.Array, scales: jax.Array, block: tuple[int, int],
                dtype=jnp.float32) -> jax.Array:
-  """Inverse of `quantize`: values [..., R, C], scales [..., R/br, C/bc] -> [..., R, C] dtype."""
+  """Inverse of `quantize`: values [..., rows, cols], scales [..., rows/br, cols/bc] ->
+  [..., rows, cols] dtype."""
   _check(values.shape, block)
-  R, C = values.shape[-2:]
-  expected = (num_blocks(R, block[0]), num_blocks(C, block[1]))
+  rows, cols = values.shape[-2:]
+  expected = (num_blocks(rows, block[0]), num_blocks(cols, block[1]))
   if scales.shape[-2:] != expected or scales.shape[:-2] != values.shape[:-2]:
     raise ValueError(f'dequantize: scales {scales.shape} do not tile values {values.shape} '
                      f'in blocks {block}')
   tiles = _tiles(values.astype(jnp.float32), block)
-  return _untile(tiles * scales[..., :, None, :, None], (R, C)).astype(dtype)
+  return _untile(tiles * scales[..., :, None, :, None], (rows, cols)).astype(dtype)
+
+
+def round_trip(x: jax.Array, block: tuple[int, int]) -> jax.Array:
+  """x as an FP8 GEMM sees it: quantized in `block` tiles over its last two dims and dequantized,
+  in x's dtype. Where a product is regrouped, as MLA's absorbed decode folds W_UK into the query,
+  multiplying the round-tripped operands in high precision gives the FP8 GEMM's result up to
+  accumulation order (an E4M3 value times its FP32 scale is exact up to one FP32 rounding)."""
+  values, scales = quantize(x, block)
+  return dequantize(values, scales, block, x.dtype)
 
 
 def _check(shape: tuple[int, ...], block: tuple[int, int]) -> None:
@@ -71,19 +82,19 @@ def _check(shape: tuple[int, ...], block: tuple[int, int]) -> None:
 
 
 def _tiles(x: jax.Array, block: tuple[int, int]) -> jax.Array:
-  """[..., R, C] -> [..., Rb, br, Cb, bc], zero-padded up to whole tiles."""
-  *lead, R, C = x.shape
+  """[..., rows, cols] -> [..., rows/br, br, cols/bc, bc], zero-padded up to whole tiles."""
+  *lead, rows, cols = x.shape
   br, bc = block
-  Rb, Cb = num_blocks(R, br), num_blocks(C, bc)
-  pad = [(0, 0)] * len(lead) + [(0, Rb * br - R), (0, Cb * bc - C)]
-  return jnp.pad(x, pad).reshape(*lead, Rb, br, Cb, bc)
+  row_blocks, col_blocks = num_blocks(rows, br), num_blocks(cols, bc)
+  pad = [(0, 0)] * len(lead) + [(0, row_blocks * br - rows), (0, col_blocks * bc - cols)]
+  return jnp.pad(x, pad).reshape(*lead, row_blocks, br, col_blocks, bc)
 
 
 def _untile(tiles: jax.Array, shape: tuple[int, int]) -> jax.Array:
-  """[..., Rb, br, Cb, bc] -> [..., R, C], dropping the padding."""
-  *lead, Rb, br, Cb, bc = tiles.shape
-  R, C = shape
-  return tiles.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C]
+  """[..., rows/br, br, cols/bc, bc] -> [..., rows, cols], dropping the padding."""
+  *lead, row_blocks, br, col_blocks, bc = tiles.shape
+  rows, cols = shape
+  return tiles.reshape(*lead, row_blocks * br, col_blocks * bc)[..., :rows, :cols]
 
 
 def _pow2_ceil(s: jax.Array) -> jax.Array:

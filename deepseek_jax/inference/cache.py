@@ -1,70 +1,30 @@
-"""KV caches for decoding, preallocated to a maximum length S, one slot row per sequence.
+"""KV caches for decoding, preallocated to a maximum length S, one slot row per sequence: their
+allocation, sizes, and the heads-major weights a decode loop attaches to them. The structure the
+model reads and writes (`LatentCache`, `NaiveCache`, `lengths`) is `layers/kv_cache.py`'s.
 
-`LatentCache` is what MLA needs (DESIGN.md, "What MLA caches"): per layer the normed latent c_KV
-[B, S, C] and the rotated rope key shared by all heads [B, S, R], (C + R) numbers per token per
-layer. `NaiveCache` is the materialized cache of a standard attention implementation, per layer
-the per-head keys [B, N, S, H + R] and values [B, N, S, U], kept for comparison and tests.
-
-Both hold `lengths` [B]: the tokens already written for each sequence. A forward pass over T new
-tokens at positions lengths[b] + t attends to slots s < lengths[b] and to the new tokens, then
-writes their entries at slots lengths[b] .. lengths[b] + T - 1, so a batch of prompts of
-different lengths decodes together (prompts right-padded: the padding's entries land beyond each
-length and are overwritten by later steps). Slots at or beyond a sequence's length are never read,
-so rolling back a rejected draft is only lowering `lengths`.
+A batch of prompts of different lengths decodes together (prompts right-padded: the padding's
+entries land beyond each length and are overwritten by later steps).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.kv_cache import (Cache, HeadsMajor, LatentCache, LatentLayer, NaiveCache,
+                                          NaiveLayer, slot_positions)
+from deepseek_jax.layers.mla import MLA
 from kernels import mla_decode
 
+__all__ = ['Cache', 'HeadsMajor', 'LatentCache', 'LatentLayer', 'NaiveCache', 'NaiveLayer',
+           'MODES', 'abstract_bytes_per_token', 'bytes_per_token', 'init', 'max_len', 'nbytes',
+           'slot_positions', 'absorbed_weights', 'with_weights']
+
 MODES = ('absorbed', 'naive')  # absorbed: LatentCache + weight absorption; naive: NaiveCache
-
-
-class LatentLayer(NamedTuple):
-  c_kv: jax.Array    # [B, S, C]
-  k_rope: jax.Array  # [B, S, R]
-
-
-class NaiveLayer(NamedTuple):
-  k: jax.Array  # [B, N, S, H + R], [k_nope; k_rope] with k_rope repeated for every head
-  v: jax.Array  # [B, N, S, U]
-
-
-@struct.dataclass
-class LatentCache:
-  c_kv: tuple[jax.Array, ...]    # per layer [B, S, C]
-  k_rope: tuple[jax.Array, ...]  # per layer [B, S, R]
-  lengths: jax.Array             # [B] int32
-
-  def layer(self, i: int) -> LatentLayer:
-    return LatentLayer(self.c_kv[i], self.k_rope[i])
-
-  def with_layers(self, layers: list[LatentLayer]) -> 'LatentCache':
-    return self.replace(c_kv=tuple(l.c_kv for l in layers), k_rope=tuple(l.k_rope for l in layers))
-
-
-@struct.dataclass
-class NaiveCache:
-  k: tuple[jax.Array, ...]  # per layer [B, N, S, H + R]
-  v: tuple[jax.Array, ...]  # per layer [B, N, S, U]
-  lengths: jax.Array        # [B] int32
-
-  def layer(self, i: int) -> NaiveLayer:
-    return NaiveLayer(self.k[i], self.v[i])
-
-  def with_layers(self, layers: list[NaiveLayer]) -> 'NaiveCache':
-    return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))
-
-
-Cache = LatentCache | NaiveCache
 
 
 def init(cfg: ModelConfig, batch: int, max_len: int, mode: str = 'absorbed',
@@ -119,6 +79,12 @@ def abstract_bytes_per_token(cfg: ModelConfig, mode: str = 'absorbed',
   return bytes_per_token(jax.eval_shape(lambda: init(cfg, 1, 1, mode, dtype=dtype)))
 
 
-def slot_positions(lengths: jax.Array, num_new: int) -> jax.Array:
-  """[B, T] positions (= cache slots) of T new tokens: lengths[b] + t."""
-  return lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+def absorbed_weights(attns: Sequence[MLA], cfg: ModelConfig) -> tuple[HeadsMajor, ...]:
+  """Each attention layer's heads-major W_UK, W_UV (`MLA.heads_major`) in the activation dtype:
+  a decode loop makes them once, before its body, and attaches them with `with_weights`."""
+  return tuple(attn.heads_major(jnp.dtype(cfg.dtype)) for attn in attns)
+
+
+def with_weights(cache: Cache, weights: tuple[HeadsMajor, ...] | None) -> Cache:
+  """The cache carrying `weights` (None: carrying none); a `NaiveCache` has no use for them."""
+  return cache.replace(weights=weights) if isinstance(cache, LatentCache) else cache

@@ -1,15 +1,13 @@
-"""Prefill and decode with a KV cache, over the model's own modules.
+"""Prefill and decode with a KV cache: the decoder's own parts around the model's one forward pass.
 
-`forward(model, tokens, cache)` is the model's forward pass for T new tokens per sequence at
-positions cache.lengths[b] + t: embedding, each block with its attention run against the cache
-(`attention.cached`: absorbed on a `LatentCache`, naive on a `NaiveCache`), the block's FFN / MoE
-called as it is, the final norm and the shared head. `mtp_forward` is the same for one MTP module.
-
-At the jit boundary the model is split once (`nnx.split`) and `prefill` / `step` are pure
-functions of (state, arrays), jitted with the cache donated so its buffers update in place.
-`generate` drives them: prompts right-padded into one batch, one prefill, then one jitted step per
-new token (`Decoder.step`), or all of them in one `lax.scan` (`decode_loop`, what `generate`
-uses); each sequence writes at its own length.
+The model runs T new tokens per sequence against a cache itself (`model(tokens, cache=cache)`,
+positions cache.lengths[b] + t; see `deepseek_jax/model.py`). What is the decoder's: allocating the
+cache (`inference/cache.py`), moving its lengths, sampling, and the loop. At the jit boundary the
+model is split once (`nnx.split`) and `prefill` / `step` are pure functions of (state, arrays),
+jitted with the cache donated so its buffers update in place. `generate` drives them: prompts
+right-padded into one batch, one prefill, then one jitted step per new token (`Decoder.step`), or
+all of them in one `lax.scan` (`decode_loop`, what `generate` uses); each sequence writes at its
+own length.
 """
 
 from __future__ import annotations
@@ -25,67 +23,10 @@ from flax import nnx
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.inference import attention
 from deepseek_jax.inference import cache as cache_lib
 from deepseek_jax.inference import sampling as sampling_lib
-from deepseek_jax.layers.block import Block
-from deepseek_jax.layers.moe import MoE
 
 # ---- the forward pass with a cache -------------------------------------------------------------
-
-
-def block_step(block: Block, x: jax.Array, positions: jax.Array, layer,
-               weights: attention.HeadsMajor | None = None):
-  """`Block.__call__` with the attention against the cache: (x [B, T, D], updated layer)."""
-  out, layer = attention.cached(block.attn, block.attn_norm(x), positions, layer, weights)
-  x = x + out
-  ffn_out = block.ffn(block.ffn_norm(x))
-  if isinstance(block.ffn, MoE):
-    ffn_out, _ = ffn_out  # router statistics are for training
-  return x + ffn_out, layer
-
-
-def heads_major(model: model_lib.DeepSeekV3) -> tuple[tuple[attention.HeadsMajor, ...],
-                                                      tuple[attention.HeadsMajor, ...]]:
-  """Heads-major W_UK, W_UV of every main layer and every MTP block, for the absorbed path;
-  a decode loop makes them once, outside its body."""
-  dt = jnp.dtype(model.cfg.dtype)
-  return (tuple(attention.heads_major(block.attn, dt) for block in model.layers),
-          tuple(attention.heads_major(module.block.attn, dt) for module in model.mtp))
-
-
-def forward(model: model_lib.DeepSeekV3, tokens: jax.Array, cache: cache_lib.Cache,
-            weights: Sequence[attention.HeadsMajor] | None = None
-            ) -> tuple[jax.Array, jax.Array, cache_lib.Cache]:
-  """tokens [B, T] -> (logits [B, T, V] f32, hidden [B, T, D] before the final norm, cache).
-
-  Writes the T tokens' keys at slots lengths[b] + t; `lengths` is left for the caller to move.
-  `weights`: `heads_major(model)[0]`, made on the fly when absent."""
-  positions = cache_lib.slot_positions(cache.lengths, tokens.shape[1])
-  x = model.embed_tokens(tokens)
-  layers = []
-  for i, block in enumerate(model.layers):
-    x, layer = block_step(block, x, positions, cache.layer(i),
-                          None if weights is None else weights[i])
-    layers.append(layer)
-  return model.logits(model.norm(x)), x, cache.with_layers(layers)
-
-
-def mtp_forward(model: model_lib.DeepSeekV3, hidden: jax.Array, next_tokens: jax.Array,
-                cache: cache_lib.Cache, depth: int = 1,
-                weights: attention.HeadsMajor | None = None
-                ) -> tuple[jax.Array, jax.Array, cache_lib.Cache]:
-  """MTP module `depth` (1-based) at positions cache.lengths + t, as `MTPModule.__call__`.
-
-  hidden [B, T, D] is h^{depth-1}_i, next_tokens [B, T] is t_{i+depth}; returns the logits for
-  t_{i+depth+1} [B, T, V], h^depth [B, T, D] and the module's one-layer cache."""
-  module = model.mtp[depth - 1]
-  positions = cache_lib.slot_positions(cache.lengths, hidden.shape[1])
-  joined = jnp.concatenate([module.enorm(model.embed_tokens(next_tokens)), module.hnorm(hidden)],
-                           axis=-1)
-  h = jnp.einsum('BTJ,JD->BTD', joined, module.eh_proj[...].astype(hidden.dtype))
-  h, layer = block_step(module.block, h, positions, cache.layer(0), weights)
-  return model.logits(module.norm(h)), h, cache.with_layers([layer])
 
 
 def at_lengths(x: jax.Array, lengths: jax.Array, offset: int = -1) -> jax.Array:
@@ -104,20 +45,19 @@ def prefill(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, state: nnx.
   Returns (first new token [B], its logits [B, V], cache with lengths = prompt lengths). The
   padding's keys land beyond each length, where the next steps overwrite them."""
   model = nnx.merge(graphdef, state)
-  logits, _, cache = forward(model, tokens, cache.replace(lengths=jnp.zeros_like(lengths)))
-  last = at_lengths(logits, lengths)
+  out = model(tokens, cache=cache.replace(lengths=jnp.zeros_like(lengths)))
+  last, cache = at_lengths(out.logits, lengths), out.cache
   token = sampling_lib.sample(last, jax.random.fold_in(key, 0), sampling)
   return token, last, cache.replace(lengths=lengths)
 
 
 def step(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, state: nnx.State,
-         token: jax.Array, cache: cache_lib.Cache, key: jax.Array, index: jax.Array,
-         weights: Sequence[attention.HeadsMajor] | None = None):
+         token: jax.Array, cache: cache_lib.Cache, key: jax.Array, index: jax.Array):
   """One new token per sequence: token [B] at position lengths[b] -> (next token, logits [B, V],
   cache with lengths + 1). `index` (the step number) seeds the sample."""
   model = nnx.merge(graphdef, state)
-  logits, _, cache = forward(model, token[:, None], cache, weights)
-  logits = logits[:, 0]
+  out = model(token[:, None], cache=cache)
+  logits, cache = out.logits[:, 0], out.cache
   next_token = sampling_lib.sample(logits, jax.random.fold_in(key, index), sampling)
   return next_token, logits, cache.replace(lengths=cache.lengths + 1)
 
@@ -125,13 +65,15 @@ def step(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, state: nnx.Sta
 def decode_loop(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, num_steps: int,
                 state: nnx.State, token: jax.Array, cache: cache_lib.Cache, key: jax.Array):
   """`num_steps` decode steps in one `lax.scan`: (tokens [B, num_steps] after `token`, cache).
-  The heads-major weights are made once, before the loop."""
-  weights = heads_major(nnx.merge(graphdef, state))[0]
+  The heads-major weights are made once, before the loop, and attached to the cache in the body."""
+  model = nnx.merge(graphdef, state)
+  weights = cache_lib.absorbed_weights([block.attn for block in model.layers], model.cfg)
 
   def body(carry, index):
     token, cache = carry
-    token, _, cache = step(graphdef, sampling, state, token, cache, key, index, weights)
-    return (token, cache), token
+    token, _, cache = step(graphdef, sampling, state, token,
+                           cache_lib.with_weights(cache, weights), key, index)
+    return (token, cache_lib.with_weights(cache, None)), token
 
   indices = jnp.arange(1, num_steps + 1, dtype=jnp.int32)
   (_, cache), tokens = jax.lax.scan(body, (token, cache), indices)

@@ -84,15 +84,16 @@ def prefill(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new_tok
   B = tokens.shape[0]
   rows = jnp.arange(B, dtype=jnp.int32)
   zeros = jnp.zeros_like(lengths)
-  logits, hidden, cache = decode.forward(model, tokens, cache.replace(lengths=zeros))
+  out = model(tokens, cache=cache.replace(lengths=zeros))
+  logits, hidden, cache = out.logits, out.hidden, out.cache
   first_key, draft_key = jax.random.split(jax.random.fold_in(key, 0))
   first = sampling_lib.sample(decode.at_lengths(logits, lengths), first_key, sampling)
   # MTP position i takes t_{i+1}: the prompt shifted left, then t_n at each prompt's last position.
   next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
   next_tokens = next_tokens.at[rows, lengths - 1].set(first)
-  mtp_logits, _, draft_cache = decode.mtp_forward(model, hidden, next_tokens,
-                                                  draft_cache.replace(lengths=zeros))
-  draft, q = _make_draft(decode.at_lengths(mtp_logits, lengths), draft_key, sampling)
+  mtp = model.mtp_forward(1, hidden, next_tokens, cache=draft_cache.replace(lengths=zeros))
+  draft_cache = mtp.cache
+  draft, q = _make_draft(decode.at_lengths(mtp.logits, lengths), draft_key, sampling)
   out = jnp.zeros((B, max_new_tokens + 1), jnp.int32).at[:, 0].set(first)
   return SpecState(cache=cache.replace(lengths=lengths),
                    draft_cache=draft_cache.replace(lengths=lengths), pending=first, draft=draft,
@@ -101,18 +102,15 @@ def prefill(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new_tok
 
 
 def step(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new_tokens: int,
-         state: nnx.State, spec: SpecState, key: jax.Array, index: jax.Array,
-         weights=None) -> SpecState:
-  """Verify the draft and draft again: 1 or 2 new tokens per sequence still generating.
-
-  `weights`: `decode.heads_major(model)`, made on the fly when absent."""
+         state: nnx.State, spec: SpecState, key: jax.Array, index: jax.Array) -> SpecState:
+  """Verify the draft and draft again: 1 or 2 new tokens per sequence still generating."""
   model = nnx.merge(graphdef, state)
-  main_weights, mtp_weights = weights if weights is not None else (None, (None,))
   B = spec.pending.shape[0]
   rows = jnp.arange(B, dtype=jnp.int32)
   verify_key, bonus_key, draft_key = jax.random.split(jax.random.fold_in(key, index), 3)
   pair = jnp.stack([spec.pending, spec.draft], axis=1)  # [B, 2] at positions m, m+1
-  logits, hidden, cache = decode.forward(model, pair, spec.cache, main_weights)
+  out = model(pair, cache=spec.cache)
+  logits, hidden, cache = out.logits, out.hidden, out.cache
   if sampling.greedy:
     first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     accepted = first == spec.draft
@@ -125,9 +123,9 @@ def step(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new_tokens
   accepted &= active
   num_new = jnp.where(active, 1 + accepted.astype(jnp.int32), 0)
   # The MTP module at m, m+1 sees Emb(t_{m+1}), Emb(t_{m+2}); position m+1 only counts if accepted.
-  mtp_logits, _, draft_cache = decode.mtp_forward(model, hidden, jnp.stack([first, second], 1),
-                                                  spec.draft_cache, weights=mtp_weights[0])
-  draft, q = _make_draft(decode.at_lengths(mtp_logits, accepted.astype(jnp.int32), offset=0),
+  mtp = model.mtp_forward(1, hidden, jnp.stack([first, second], 1), cache=spec.draft_cache)
+  draft_cache = mtp.cache
+  draft, q = _make_draft(decode.at_lengths(mtp.logits, accepted.astype(jnp.int32), offset=0),
                          draft_key, sampling)
   width = spec.out.shape[1]  # an index of `width` is dropped
   out = spec.out.at[rows, jnp.where(active, spec.count, width)].set(first, mode='drop')
@@ -151,11 +149,18 @@ def decode_loop(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new
   def cond(carry):
     return jnp.min(carry[0].count) < max_new_tokens
 
-  weights = decode.heads_major(nnx.merge(graphdef, state))
+  model = nnx.merge(graphdef, state)  # heads-major weights made once, attached in the body
+  main = cache_lib.absorbed_weights([block.attn for block in model.layers], model.cfg)
+  draft = cache_lib.absorbed_weights([model.mtp[0].block.attn], model.cfg)
+
+  def attach(spec, main, draft):
+    return spec.replace(cache=cache_lib.with_weights(spec.cache, main),
+                        draft_cache=cache_lib.with_weights(spec.draft_cache, draft))
 
   def body(carry):
     spec, index = carry
-    return step(graphdef, sampling, max_new_tokens, state, spec, key, index, weights), index + 1
+    spec = step(graphdef, sampling, max_new_tokens, state, attach(spec, main, draft), key, index)
+    return attach(spec, None, None), index + 1
 
   spec, _ = jax.lax.while_loop(cond, body, (spec, jnp.int32(1)))
   return spec

@@ -26,6 +26,7 @@ from deepseek_jax.layers.ffn import SwiGLU
 class MoEStats(typing.NamedTuple):
   expert_load: jax.Array       # [E] int32, (token, slot) pairs routed to each expert
   seq_balance_loss: jax.Array  # [] float32, eqs. 17-20 without alpha
+  experts: jax.Array           # [B, T, K] int32, the routed experts of each token (bias included)
 
 
 def dispatch_combine(x: jax.Array, routing: router.Routing, group_sizes: jax.Array,
@@ -78,5 +79,6 @@ class MoE(nnx.Module):
                              self.cfg.precision, self.cfg.fp8_matmul_kernel).reshape(B, T, D)
     if self.shared_experts is not None:
       out = out + self.shared_experts(u)
-    stats = MoEStats(load, router.sequence_balance_loss(routing, B, self.cfg))
+    stats = MoEStats(load, router.sequence_balance_loss(routing, B, self.cfg),
+                     routing.experts.reshape(B, T, -1))
     return out, stats

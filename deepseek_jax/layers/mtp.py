@@ -16,6 +16,7 @@ from flax import nnx
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import linear, param
 from deepseek_jax.layers.block import Block
+from deepseek_jax.layers.kv_cache import LayerCache
 from deepseek_jax.layers.moe import MoEStats
 from deepseek_jax.layers.norm import RMSNorm
 
@@ -31,12 +32,13 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(D, cfg.rms_norm_eps)  # the output head's norm for this depth
 
   def __call__(self, h_prev: jax.Array, next_embeddings: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array, MoEStats | None]:
+               segment_ids: jax.Array | None = None, cache: LayerCache | None = None
+               ) -> tuple[jax.Array, jax.Array, MoEStats | None, LayerCache | None]:
     """h_prev [B, T, D] (h^{k-1}, before any output norm), next_embeddings [B, T, D] = Emb(t_{i+k}).
 
-    Returns (h^k [B, T, D], normed h^k for the shared head, MoE statistics or None)."""
+    Returns (h^k [B, T, D], normed h^k for the shared head, MoE statistics or None, the block's
+    updated cache: when drafting, the module's attention layer has a one-layer cache of its own)."""
     joined = jnp.concatenate([self.enorm(next_embeddings), self.hnorm(h_prev)], axis=-1)
-    h = linear.linear(joined, self.eh_proj[...])
-    h, stats = self.block(h, positions, segment_ids)
-    return h, self.norm(h), stats
+    h = linear.linear(joined, self.eh_proj[...])  # kept out of FP8, as it has always been here
+    h, stats, cache = self.block(h, positions, segment_ids, cache)
+    return h, self.norm(h), stats, cache
