@@ -15,3 +15,13 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 import jax  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(name='tiny_config')
+def tiny_config_fixture():
+  """`tiny_config(**overrides) -> ModelConfig`: the tests' one tiny config (tests/tiny.py)."""
+  return tiny.tiny_config

@@ -7,15 +7,10 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import model as model_lib
-from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import linear, router
+from tests.tiny import FP8_WIDTHS, tiny_config
 
-CFG = ModelConfig(vocab_size=64, hidden_size=128, num_layers=2, num_heads=2, qk_nope_head_dim=32,
-                  qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=64, kv_lora_rank=32,
-                  intermediate_size=256, moe_intermediate_size=64, first_k_dense=1,
-                  n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                  topk_group=1, rope_factor=1.0, max_position_embeddings=64, mtp_depth=1,
-                  init_std=0.05)
+CFG = tiny_config(**FP8_WIDTHS, num_layers=2)
 
 
 def _loss_and_grads(cfg, tokens):

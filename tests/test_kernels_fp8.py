@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import model as model_lib
-from deepseek_jax.config import ModelConfig
+from tests.tiny import FP8_WIDTHS, tiny_config
 from deepseek_jax.fp8 import quant
 from deepseek_jax.layers import linear
 from kernels import fp8_matmul as kernel
@@ -150,12 +150,7 @@ def kernel_call_count(jaxpr: str) -> int:
 
 
 # One MoE block (MLA, shared and routed experts), no MTP: interpret mode compiles every GEMM.
-TINY = ModelConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=2, qk_nope_head_dim=32,
-                   qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=64, kv_lora_rank=32,
-                   intermediate_size=256, moe_intermediate_size=64, first_k_dense=0,
-                   n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                   topk_group=1, rope_factor=1.0, max_position_embeddings=64, mtp_depth=0,
-                   init_std=0.05, precision='fp8')
+TINY = tiny_config(**FP8_WIDTHS, num_layers=1, first_k_dense=0, mtp_depth=0, precision='fp8')
 
 
 def test_tiny_fp8_model_with_pallas_equals_xla():

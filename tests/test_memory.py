@@ -11,13 +11,9 @@ from flax import nnx
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.analysis import memory
-from deepseek_jax.config import ModelConfig
+from tests.tiny import tiny_config
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, qk_nope_head_dim=16,
-                  qk_rope_head_dim=16, v_head_dim=16, q_lora_rank=32, kv_lora_rank=32,
-                  intermediate_size=96, moe_intermediate_size=32, first_k_dense=1,
-                  n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                  rope_factor=1.0, max_position_embeddings=256, mtp_depth=1)
+CFG = tiny_config(num_layers=2, n_routed_experts=16, num_experts_per_tok=4)
 
 
 def by_hand(mesh, fsdp: bool) -> tuple[int, int]:

@@ -12,18 +12,13 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import model as model_lib
-from deepseek_jax.config import ModelConfig
+from tests.tiny import tiny_config
 from deepseek_jax.layers.param import RouterBias
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train.config import TrainConfig
 
 E = 4
-CFG = ModelConfig(vocab_size=16, hidden_size=8, num_layers=3, num_heads=2, qk_nope_head_dim=4,
-                  qk_rope_head_dim=2, v_head_dim=4, q_lora_rank=4, kv_lora_rank=4,
-                  intermediate_size=8, moe_intermediate_size=4, first_k_dense=1,
-                  n_shared_experts=1, n_routed_experts=E, num_experts_per_tok=2, n_group=2,
-                  topk_group=1, rope_factor=1.0, rope_original_max_position=64,
-                  max_position_embeddings=64, mtp_depth=1, init_std=0.02)
+CFG = tiny_config(n_routed_experts=E, n_group=2, topk_group=1, init_std=0.02)
 GAMMA = 1e-3
 BIAS_PATHS = [('layers', 1, 'ffn', 'router_bias'), ('layers', 2, 'ffn', 'router_bias'),
               ('mtp', 0, 'block', 'ffn', 'router_bias')]
