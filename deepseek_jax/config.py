@@ -64,9 +64,10 @@ class ModelConfig:
   # shared-expert and dense FFN matmul in E4M3 with 1x128 / 128x128 scaling (V3 §3.3); the
   # embedding, output head, router, norms and attention core keep the activation dtype.
   precision: str = 'bf16'
-  # Pallas kernels (`kernels/`), one switch each: 'pallas' always (interpret mode on CPU),
-  # 'xla' never (the XLA paths), 'auto' where the backend and shapes fit: a GPU (FP8: compute
-  # capability >= 8.9); TPU stays on XLA until the kernels have run there (written for Triton).
+  # Pallas kernels (`kernels/`), one switch each: 'pallas' always (interpret mode on CPU; Triton
+  # or Mosaic by the platform lowered for, so AOT compilation for a TPU takes the TPU kernel),
+  # 'xla' never (the XLA paths), 'auto' where the host and shapes fit: a GPU (FP8: compute
+  # capability >= 8.9) or a TPU host (`kernels.mla_decode.supported`).
   mla_decode_kernel: str = 'auto'            # absorbed attention over the latent cache (decode)
   fp8_matmul_kernel: str = 'auto'            # the block-scaled FP8 GEMM under precision='fp8'
 

@@ -152,3 +152,50 @@ def test_mosaic_decode_takes_shapes_triton_does_not():
   assert 'mla_decode_tpu' in lowered.as_text()
   with pytest.raises(ValueError, match='kv_lora_rank C=48 must be a power of two'):
     jax.jit(decode_fn(False)).lower(*args)  # None also traces the Triton kernel
+
+
+# ---- the whole model's decode step ---------------------------------------------------------------
+
+def model_decode_step(platform: str):
+  """`inference.decode.step` (the decoder's own jitted step: the model's one forward pass against
+  the latent cache, then sampling) for the tiny config with `mla_decode_kernel='pallas'` in BF16,
+  lowered with abstract arguments: (lowered, abstract args) on one chip of a v5e slice for 'tpu',
+  for CUDA through `lowering_platforms` otherwise."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from deepseek_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.inference import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.inference import decode, sampling  # pylint: disable=import-outside-toplevel
+  from experiments.configs import tiny  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
+      num_layers=2, mla_decode_kernel='pallas', dtype='bfloat16')
+  graphdef, state = nnx.split(model_lib.abstract(cfg))
+  sharding = one_chip('v5e:2x2') if platform == 'tpu' else None
+  place = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  B = 8
+  args = (place(state), place(jax.ShapeDtypeStruct((B,), jnp.int32)),
+          place(jax.eval_shape(lambda: cache_lib.init(cfg, B, 256))),
+          place(jax.eval_shape(lambda: jax.random.key(0))),
+          place(jax.ShapeDtypeStruct((), jnp.int32)))
+  jitted = jax.jit(decode.step, static_argnums=(0, 1), donate_argnames='cache')
+  statics = (graphdef, sampling.Sampling())
+  if platform == 'tpu':
+    return jitted.lower(*statics, *args)
+  return jitted.trace(*statics, *args).lower(lowering_platforms=('cuda',))
+
+
+@needs_libtpu
+def test_model_decode_step_compiles_for_tpu_with_the_mosaic_kernel():
+  """One Mosaic kernel call per layer, compiled by libtpu; the cache is donated (aliased)."""
+  lowered = model_decode_step('tpu')
+  text = lowered.as_text()
+  assert text.count('mla_decode_tpu') >= 2 and TRITON_CALL not in text
+  compiled = lowered.compile()
+  assert compiled.memory_analysis().alias_size_in_bytes > 0
+
+
+def test_model_decode_step_lowers_for_cuda_with_the_triton_kernel():
+  text = model_decode_step('cuda').as_text()
+  assert text.count(TRITON_CALL) == 2  # one per layer
+  assert 'mosaic' not in text.lower()
