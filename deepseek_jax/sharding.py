@@ -198,7 +198,7 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows of a global batch (process p holds rows [pB/P, (p+1)B/P), as
-  `train/data.py` produces them) -> global [B, ...] arrays; one process or several."""
+  `data/pipeline.py` produces them) -> global [B, ...] arrays; one process or several."""
   count = jax.process_count()
   out = {}
   for name, local in batch.items():

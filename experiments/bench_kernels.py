@@ -4,7 +4,7 @@ On a GPU (the issue's shapes):
   mla_decode  BF16, B = 128, S = 4096, N = 128, C = 512, R = 64, Tq = 1 and 2, every sequence
               at full length: effective GB/s (cache + queries + outputs read or written once)
               and TFLOP/s, for `kernels.mla_decode` and the XLA einsum path (BF16 operands,
-              FP32 scores, as `inference.attention.absorbed` computes them);
+              FP32 scores, as `layers.attention.absorbed` computes them);
   fp8_matmul  M = N = K = 4096 and 8192 and DeepSeek-V3 shapes (M = 4096; N = 7168, K = 2048 and
               N = 2048, K = 7168): TFLOP/s of `kernels.fp8_matmul`, of the XLA block-scaled path
               (`deepseek_jax.fp8`, one FP8 GEMM per 128-wide K block), of XLA's own FP8 dot (one

@@ -1,9 +1,9 @@
 """A model and its tokenizer for inference, from a training workdir or a Hugging Face directory.
 
-A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/` (`train/checkpoint.py`):
-the model config is read from its `meta`, then only the parameters and router biases
+A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/`
+(`deepseek_jax/checkpoint.py`): the model config is read from its `meta`, then only the parameters and router biases
 (`Checkpoints.restore_tree`), not the optimizer state. Its tokenizer is the one
-`train/tokenizer.make_tokenizer` made: `<workdir>/tokenizer.json` for 'bpe', else bytes.
+`data/tokenizer.make_tokenizer` made: `<workdir>/tokenizer.json` for 'bpe', else bytes.
 A directory with `config.json` goes through `convert.hf.load_pretrained`.
 """
 

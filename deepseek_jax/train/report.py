@@ -50,7 +50,7 @@ def plot(rows: list[dict], loads: list[tuple[int, np.ndarray]], path: pathlib.Pa
   if loads:
     steps = [s for s, _ in loads]
     stacked = np.stack([load / np.maximum(load.mean(axis=-1, keepdims=True), 1e-9)
-                        for _, load in loads])  # [steps, M, E]
+                        for _, load in loads])  # [steps, L_moe, E]
     image = heat.imshow(stacked.reshape(len(steps), -1).T, aspect='auto', cmap='viridis',
                         extent=(steps[0], steps[-1], stacked.shape[1] * stacked.shape[2], 0))
     for layer in range(1, stacked.shape[1]):
