@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import fp8_matmul_tpu, platform
+from kernels import fp8_matmul_tpu, platform, tiles
 
 FP8 = jnp.float8_e4m3fn
 BLOCK_K = 128  # N_C: I elements per FP8 partial product before promotion to FP32
@@ -106,11 +106,11 @@ def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block
   N = b_values.shape[1]
   block_m, block_n = _triton_blocks(M, block_m, block_n)
   Kb = -(-K // BLOCK_K)
-  Mp, Np, Kp = _round_up(M, block_m), _round_up(N, block_n), Kb * BLOCK_K
-  a_values = _pad_to(a_values, (Mp, Kp))
-  b_values = _pad_to(b_values, (Kp, Np))
-  a_scales = _pad_to(a_scales.T, (Kb, Mp))  # [Ib, Z]: step i reads one contiguous row
-  b_scales = _pad_to(b_scales, (Kb, Np))
+  Mp, Np, Kp = tiles.round_up(M, block_m), tiles.round_up(N, block_n), Kb * BLOCK_K
+  a_values = tiles.pad_to(a_values, (Mp, Kp))
+  b_values = tiles.pad_to(b_values, (Kp, Np))
+  a_scales = tiles.pad_to(a_scales.T, (Kb, Mp))  # [Ib, Z]: step i reads one contiguous row
+  b_scales = tiles.pad_to(b_scales, (Kb, Np))
   out = pl.pallas_call(
       functools.partial(_kernel, num_k_blocks=Kb),
       out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
@@ -182,13 +182,3 @@ def _check(a_values, a_scales, b_values, b_scales, out_dtype):
 
 def _default_block_m(M: int) -> int:
   return min(64, max(16, 1 << (M - 1).bit_length()))
-
-
-def _round_up(size: int, block: int) -> int:
-  return -(-size // block) * block
-
-
-def _pad_to(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
-  if x.shape == shape:
-    return x
-  return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import tiles
+
 BLOCK_K = 128  # N_C
 FP8_ROWS = 32  # an 8-bit tile is (32, 128)
 NATIVE_FP8_KINDS = ('TPU7x',)  # device_kind prefixes with FP8 in the MXU (see the docstring)
@@ -49,11 +51,11 @@ def block_sizes(M: int, N: int, K: int, block_m: int | None, block_n: int | None
   """Defaults: block_m the rows rounded to 32 up to 512, block_n 512, block_k 512 (narrower for
   small O or I). block_m a multiple of 32, block_n and block_k multiples of 128."""
   if block_m is None:
-    block_m = min(512, _round_up(M, FP8_ROWS))
+    block_m = min(512, tiles.round_up(M, FP8_ROWS))
   if block_n is None:
-    block_n = min(512, _round_up(N, 128))
+    block_n = min(512, tiles.round_up(N, 128))
   if block_k is None:
-    block_k = min(512, _round_up(K, BLOCK_K))
+    block_k = min(512, tiles.round_up(K, BLOCK_K))
   for name, size, unit in (('block_m', block_m, FP8_ROWS), ('block_n', block_n, 128),
                            ('block_k', block_k, BLOCK_K)):
     if size < unit or size % unit:
@@ -82,12 +84,13 @@ def matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array, b_scal
   block_m, block_n, block_k = block_sizes(M, N, K, block_m, block_n, block_k)
   if native_fp8 is None:
     native_fp8 = has_native_fp8()
-  Mp, Np, Kp = _round_up(M, block_m), _round_up(N, block_n), _round_up(K, block_k)
+  Mp, Np = tiles.round_up(M, block_m), tiles.round_up(N, block_n)
+  Kp = tiles.round_up(K, block_k)
   Kbp = Kp // BLOCK_K
-  a_values = _pad_to(a_values, (Mp, Kp))
-  b_values = _pad_to(b_values, (Kp, Np))
-  a_scales = _pad_to(a_scales, (Mp, Kbp))
-  b_scales = _pad_to(b_scales, (Kbp, Np))
+  a_values = tiles.pad_to(a_values, (Mp, Kp))
+  b_values = tiles.pad_to(b_values, (Kp, Np))
+  a_scales = tiles.pad_to(a_scales, (Mp, Kbp))
+  b_scales = tiles.pad_to(b_scales, (Kbp, Np))
   out = pl.pallas_call(
       functools.partial(_kernel, native_fp8=native_fp8),
       out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
@@ -118,9 +121,9 @@ def vmem_bytes(block_m: int, block_n: int, block_k: int, K: int, out_itemsize: i
   """VMEM one program holds, from its block shapes: double-buffered FP8 tiles, scales (lanes
   padded to 128) and output, the FP32 accumulator, BF16 copies of the tiles (unless native) and
   one FP32 partial product."""
-  Kbp = _round_up(K, block_k) // BLOCK_K
+  Kbp = tiles.round_up(K, block_k) // BLOCK_K
   tiles = block_m * block_k + block_k * block_n
-  scales = (block_m * _round_up(Kbp, 128) + _round_up(Kbp, 8) * block_n) * 4
+  scales = (block_m * tiles.round_up(Kbp, 128) + tiles.round_up(Kbp, 8) * block_n) * 4
   pipelined = 2 * (tiles + scales + block_m * block_n * out_itemsize)
   widened = 0 if native_fp8 else 2 * tiles
   return pipelined + widened + 2 * block_m * block_n * 4
@@ -155,13 +158,3 @@ def _kernel(a_ref, a_scales_ref, b_ref, b_scales_ref, out_ref, acc_ref, *, nativ
   @pl.when(k == pl.num_programs(2) - 1)
   def _finish():
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
-
-
-def _round_up(size: int, block: int) -> int:
-  return -(-size // block) * block
-
-
-def _pad_to(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
-  if x.shape == shape:
-    return x
-  return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])

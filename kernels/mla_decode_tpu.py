@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import tiles
+
 SUBLANES = 16  # rows per tile for 16-bit types (8 for 32-bit); used for both
 MAX_BLOCK_ROWS = 256
 BLOCK_S_CHOICES = (512, 256, 128, 64)  # cache slots per grid step: the largest that divides S
@@ -46,16 +48,16 @@ def block_sizes(num_rows: int, num_slots: int, block_rows: int | None = None,
                 block_s: int | None = None) -> tuple[int, int, int, int]:
   """-> (block_rows, padded rows, block_s, padded slots) for a contiguous cache of num_slots."""
   if block_rows is None:
-    block_rows = min(MAX_BLOCK_ROWS, _round_up(num_rows, SUBLANES))
+    block_rows = min(MAX_BLOCK_ROWS, tiles.round_up(num_rows, SUBLANES))
   if block_s is None:
     block_s = next((b for b in BLOCK_S_CHOICES if num_slots % b == 0),
-                   min(BLOCK_S_CHOICES[0], _round_up(num_slots, SUBLANES)))
+                   min(BLOCK_S_CHOICES[0], tiles.round_up(num_slots, SUBLANES)))
   for name, size in (('block_rows', block_rows), ('block_s', block_s)):
     if size < SUBLANES or size % SUBLANES:
       raise ValueError(f'mla_decode (mosaic_tpu): {name}={size} must be a multiple of '
                        f'{SUBLANES} (TPU tiles)')
-  return (block_rows, _round_up(num_rows, block_rows), block_s,
-          _round_up(num_slots, block_s))
+  return (block_rows, tiles.round_up(num_rows, block_rows), block_s,
+          tiles.round_up(num_slots, block_s))
 
 
 def partials(q: jax.Array, qr: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
@@ -146,7 +148,7 @@ def vmem_bytes(block_rows: int, block_s: int, C: int, R: int, itemsize: int) -> 
   """VMEM one program holds, from its block shapes: inputs and outputs double-buffered by the
   pipeline (lanes padded to 128), plus the scratch, plus the [rows, block_s] FP32 scores and
   probabilities."""
-  lanes = lambda n: _round_up(n, 128)
+  lanes = lambda n: tiles.round_up(n, 128)
   inputs = (block_rows + block_s) * (lanes(C) + lanes(R)) * itemsize
   outputs = block_rows * (lanes(C) + 128) * 4
   scratch = block_rows * (lanes(C) + 2 * 128) * 4
@@ -201,7 +203,3 @@ def _kernel(*refs, num_prefetch: int, scale: float, num_queries: int, num_heads:
     seen = l > 0
     o_ref[...] = acc_ref[...] / jnp.where(seen, l, 1.0)
     lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-
-
-def _round_up(size: int, block: int) -> int:
-  return -(-size // block) * block

@@ -20,8 +20,8 @@ from deepseek_jax.fp8 import quant
 from deepseek_jax.layers import linear
 from kernels import fp8_matmul as kernel
 from kernels import reference
+from tests.kernel_util import blockwise_np
 
-BLOCK = 128
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
@@ -33,20 +33,6 @@ def operands(M: int, K: int, N: int, b_block=quant.WEIGHT_BLOCK, seed: int = 0):
   a = jax.random.normal(keys[0], (M, K)) * jnp.exp(3 * jax.random.normal(keys[1], (1, K)))
   b = jax.random.normal(keys[2], (K, N)) * jnp.exp(3 * jax.random.normal(keys[3], (K, 1)))
   return (*quant.quantize(a, quant.ACT_BLOCK), *quant.quantize(b, b_block))
-
-
-def blockwise_np(a_values, a_scales, b_values, b_scales) -> np.ndarray:
-  """float64 sum_b (a_b . b_b) a_scales[:, b] b_scales[b, :], the scales per row and column."""
-  a, b = np.asarray(a_values, np.float64), np.asarray(b_values, np.float64)
-  a_s, b_s = np.asarray(a_scales, np.float64), np.asarray(b_scales, np.float64)
-  N = b.shape[1]
-  if b_s.shape[1] != N:  # 128x128 blocks -> per column
-    b_s = np.repeat(b_s, BLOCK, axis=1)[:, :N]
-  out = np.zeros((a.shape[0], N))
-  for i in range(a_s.shape[1]):
-    k = slice(i * BLOCK, (i + 1) * BLOCK)
-    out += (a[:, k] @ b[k, :]) * a_s[:, i:i + 1] * b_s[i:i + 1, :]
-  return out
 
 
 @functools.partial(jax.jit, static_argnames=('out_dtype', 'block_m'))

@@ -1,8 +1,9 @@
 """The latent-attention decode kernel (`kernels/mla_decode.py`, Pallas interpret mode on CPU)
 against `kernels/reference.py` and a float64 numpy computation of the same attention: lengths 0,
 1 and not multiples of the block, Tq = 2 causal under FlashMLA's length convention, caches that
-are not a multiple of the block, several splits of the cache, a paged cache; and decoding with the kernel gives
-the same greedy tokens as the XLA path, and the same logits for a prefill and a Tq = 2 step."""
+are not a multiple of the block, several splits of the cache, a paged cache; and decoding with the
+kernel gives the same greedy tokens as the XLA path, and the same logits for a prefill and a
+Tq = 2 step."""
 
 import numpy as np
 import pytest
@@ -17,41 +18,9 @@ from deepseek_jax.inference import decode
 from experiments.configs import tiny
 from kernels import mla_decode as kernel
 from kernels import reference
+from tests.kernel_util import SCALE, numpy_mla, rel_err
+from tests.kernel_util import mla_inputs as inputs
 from tests.tiny import random_model
-
-SCALE = 0.15
-
-
-def numpy_mla(q_latent, q_rope, c_kv, k_rope, lengths):
-  """float64, one query at a time: query t of sequence b sees lengths[b] - (Tq - 1 - t) slots."""
-  q_latent, q_rope, c_kv, k_rope = (np.asarray(a, np.float64)
-                                    for a in (q_latent, q_rope, c_kv, k_rope))
-  B, T, N, C = q_latent.shape
-  o = np.zeros((B, T, N, C))
-  lse = np.full((B, T, N), -np.inf)
-  for b in range(B):
-    for t in range(T):
-      seen = max(int(lengths[b]) - (T - 1 - t), 0)
-      if seen == 0:
-        continue
-      scores = SCALE * (q_latent[b, t] @ c_kv[b, :seen].T + q_rope[b, t] @ k_rope[b, :seen].T)
-      top = scores.max(axis=1, keepdims=True)
-      weights = np.exp(scores - top)
-      lse[b, t] = top[:, 0] + np.log(weights.sum(axis=1))
-      o[b, t] = (weights / weights.sum(axis=1, keepdims=True)) @ c_kv[b, :seen]
-  return o, lse
-
-
-def inputs(B, T, N, C, R, S, dtype, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = [(B, T, N, C), (B, T, N, R), (B, S, C), (B, S, R)]
-  return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
-
-
-def rel_err(x, y):
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  return np.abs(x - y).max() / np.abs(y).max()
-
 
 # (B, Tq, N, C, R, S, lengths, num_splits): block_s is 64 below.
 CASES = [
