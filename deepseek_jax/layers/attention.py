@@ -1,7 +1,10 @@
 """The attention cores of MLA, as pure functions of arrays (`layers/mla.py` owns the weights).
 
 - `attend`: training / prefill without a cache, softmax(q.k * scale) v over per-head keys, with
-  its backward pass written out.
+  its backward pass written out; it keeps the [B, N, T, S] probabilities for that pass.
+- `blockwise_attend`: the same without ever forming [T, S] (flash-style: an online softmax over
+  key blocks, the backward pass recomputing each block's probabilities from the saved
+  log-sum-exp); memory grows with T, not T². `self_attend` picks one by `ModelConfig.attention`.
 - `absorbed`: T new tokens against the latent cache (DeepSeek-V2 §2.1.2, "absorb";
   deepseek_jax/DESIGN.md, "What MLA caches"):
 
@@ -88,6 +91,184 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
   weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
   return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+
+
+# ---- without a cache, blockwise ------------------------------------------------------------------
+
+# 512 queries x 512 keys: a [B, N, 512, 512] float32 score block (1 MiB per head and sequence)
+# is big enough to fill an MXU / tensor-core tile many times over and small next to [T, S] at
+# V3's T = 4096. Clipped to T and S.
+BLOCK_Q = 512
+BLOCK_K = 512
+
+
+def self_attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                segment_ids: jax.Array | None, scale: float, implementation: str = 'auto'
+                ) -> jax.Array:
+  """Causal (and, with segment_ids [B, T], document-masked) self-attention without a cache for
+  q [B, N, T, A], k [B, N, T, A], v [B, N, T, U] at positions [B, T] -> [B, N, T, U].
+
+  `implementation` is `ModelConfig.attention`: 'dense' (`attend`, whose written-out backward is
+  what XLA:CPU runs fastest), 'blockwise' (`blockwise_attend`), or 'auto': dense when lowered
+  for a CPU, blockwise elsewhere. The choice follows the platform being lowered for
+  (`jax.lax.platform_dependent`), not the host's backend: compiling ahead of time for a TPU on
+  a CPU host takes the blockwise form."""
+  dense = lambda: attend(q, k, v, causal_mask(positions, segment_ids), scale)
+  blockwise = lambda: blockwise_attend(q, k, v, positions, positions, segment_ids, segment_ids,
+                                       scale)
+  if implementation == 'dense':
+    return dense()
+  if implementation == 'blockwise':
+    return blockwise()
+  return jax.lax.platform_dependent(cpu=dense, default=blockwise)
+
+
+def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_positions: jax.Array, q_segments: jax.Array | None = None,
+                     k_segments: jax.Array | None = None, scale: float = 1.0,
+                     block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+  """`attend` for q [B, N, T, A], k [B, N, S, A], v [B, N, S, U], with the mask given as
+  positions (query t sees key s iff k_positions[s] <= q_positions[t]) and optional segment ids
+  ([B, T] and [B, S]: only equal ids see each other), never as a [T, S] array.
+
+  Online softmax over blocks of `block_k` keys for each block of `block_q` queries (T and S
+  padded to whole blocks, the padding masked); statistics in float32; a fully masked row gives
+  zeros, as `masked_softmax`. The backward pass keeps only q, k, v, the output and each row's
+  log-sum-exp, and recomputes the probabilities block by block."""
+  if q_segments is None or k_segments is None:
+    q_segments = jnp.zeros(q_positions.shape, jnp.int32)
+    k_segments = jnp.zeros(k_positions.shape, jnp.int32)
+  block_q, block_k = min(block_q, q.shape[2]), min(block_k, k.shape[2])
+  return _blockwise(q, k, v, q_positions, k_positions, q_segments, k_segments, scale, block_q,
+                    block_k)
+
+
+def _split(x: jax.Array, axis: int, block: int) -> jax.Array:
+  """x with `axis` (length L) zero-padded to whole blocks and cut into them, the count of blocks
+  leading: [..., L, ...] -> [L/block, ..., block, ...]."""
+  length = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, -length % block)
+  x = jnp.pad(x, pad)
+  x = x.reshape(x.shape[:axis] + (-1, block) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _merge(x: jax.Array, axis: int, length: int) -> jax.Array:
+  """The inverse of `_split`: [L/block, ..., block, ...] -> [..., L, ...] without the padding."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+  return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _key_blocks(k, v, k_positions, k_segments, block_k):
+  """Keys, values, their positions, segments and validity (False on the padding), in blocks."""
+  valid = jnp.ones((1, k.shape[2]), bool)
+  return (_split(k, 2, block_k), _split(v, 2, block_k), _split(k_positions, 1, block_k),
+          _split(k_segments, 1, block_k), _split(valid, 1, block_k))
+
+
+def _block_mask(q_positions, q_segments, k_positions, k_segments, valid):
+  """[B, 1, t, s]: query t of the block sees key s of the block (causal, same segment, real)."""
+  mask = q_positions[:, None, :, None] >= k_positions[:, None, None, :]
+  mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
+  return mask & valid[:, None, None, :]
+
+
+def _block_scores(q, k, scale):
+  return jnp.einsum('BNtA,BNsA->BNts', q, k, preferred_element_type=jnp.float32) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _blockwise(q, k, v, q_positions, k_positions, q_segments, k_segments, scale, block_q,
+               block_k):
+  return _blockwise_forward(q, k, v, q_positions, k_positions, q_segments, k_segments, scale,
+                            block_q, block_k)[0]
+
+
+def _blockwise_forward(q, k, v, q_positions, k_positions, q_segments, k_segments, scale, block_q,
+                       block_k):
+  """-> out [B, N, T, U] and the log-sum-exp of each row, in query blocks [T/t, B, N, t, 1]
+  (+inf on a fully masked row, so that exp(score - lse) is 0 there)."""
+  B, N, T, _ = q.shape
+  U = v.shape[-1]
+  keys = _key_blocks(k, v, k_positions, k_segments, block_k)
+
+  def query_block(query):
+    q_i, position_i, segment_i = query  # [B, N, t, A], [B, t], [B, t]
+
+    def key_block(carry, key):
+      peak, total, acc = carry  # [B, N, t, 1], [B, N, t, 1], [B, N, t, U] float32
+      k_j, v_j, position_j, segment_j, valid_j = key
+      mask = _block_mask(position_i, segment_i, position_j, segment_j, valid_j)
+      scores = jnp.where(mask, _block_scores(q_i, k_j, scale), -jnp.inf)
+      new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1, keepdims=True))
+      shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)
+      probs = jnp.where(mask, jnp.exp(scores - shift), 0.0)
+      rescale = jnp.exp(peak - shift)  # 0 while the row has seen nothing
+      total = total * rescale + jnp.sum(probs, axis=-1, keepdims=True)
+      acc = acc * rescale + jnp.einsum('BNts,BNsU->BNtU', probs.astype(v_j.dtype), v_j,
+                                       preferred_element_type=jnp.float32)
+      return (new_peak, total, acc), None
+
+    rows = q_i.shape[:3] + (1,)
+    init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
+            jnp.zeros(q_i.shape[:3] + (U,), jnp.float32))
+    (peak, total, acc), _ = jax.lax.scan(key_block, init, keys)
+    out = (acc / jnp.maximum(total, 1e-30)).astype(q.dtype)
+    lse = jnp.where(total > 0, jnp.where(jnp.isfinite(peak), peak, 0.0) + jnp.log(total), jnp.inf)
+    return out, lse
+
+  queries = (_split(q, 2, block_q), _split(q_positions, 1, block_q),
+             _split(q_segments, 1, block_q))
+  out, lse = jax.lax.map(query_block, queries)  # [T/t, B, N, t, U], [T/t, B, N, t, 1]
+  return _merge(out, 2, T), lse
+
+
+def _blockwise_fwd(q, k, v, q_positions, k_positions, q_segments, k_segments, scale, block_q,
+                   block_k):
+  out, lse = _blockwise_forward(q, k, v, q_positions, k_positions, q_segments, k_segments, scale,
+                                block_q, block_k)
+  return out, (q, k, v, q_positions, k_positions, q_segments, k_segments, out, lse)
+
+
+def _blockwise_bwd(scale, block_q, block_k, residuals, d_out):
+  q, k, v, q_positions, k_positions, q_segments, k_segments, out, lse = residuals
+  dt = q.dtype
+  # sum_s p dp = sum_u dO O per row, as in `_attend_bwd`.
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  queries = (_split(q, 2, block_q), _split(d_out, 2, block_q), lse, _split(row, 2, block_q),
+             _split(q_positions, 1, block_q), _split(q_segments, 1, block_q))
+
+  def key_block(d_q, key):  # d_q [T/t, B, N, t, A] float32, accumulated over the key blocks
+    k_j, v_j, position_j, segment_j, valid_j = key
+
+    def query_block(carry, query):
+      d_k, d_v = carry  # [B, N, s, A], [B, N, s, U] float32
+      (q_i, d_out_i, lse_i, row_i, position_i, segment_i), d_q_i = query
+      mask = _block_mask(position_i, segment_i, position_j, segment_j, valid_j)
+      probs = jnp.where(mask, jnp.exp(_block_scores(q_i, k_j, scale) - lse_i), 0.0)
+      d_v += jnp.einsum('BNts,BNtU->BNsU', probs.astype(dt), d_out_i,
+                        preferred_element_type=jnp.float32)
+      d_probs = jnp.einsum('BNtU,BNsU->BNts', d_out_i, v_j, preferred_element_type=jnp.float32)
+      d_scores = (probs * (d_probs - row_i) * scale).astype(dt)
+      d_q_i += jnp.einsum('BNts,BNsA->BNtA', d_scores, k_j, preferred_element_type=jnp.float32)
+      d_k += jnp.einsum('BNts,BNtA->BNsA', d_scores, q_i, preferred_element_type=jnp.float32)
+      return (d_k, d_v), d_q_i
+
+    init = (jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
+    (d_k, d_v), d_q = jax.lax.scan(query_block, init, (queries, d_q))
+    return d_q, (d_k, d_v)
+
+  d_q = jnp.zeros(queries[0].shape, jnp.float32)
+  d_q, (d_k, d_v) = jax.lax.scan(key_block, d_q,
+                                 _key_blocks(k, v, k_positions, k_segments, block_k))
+  T, S = q.shape[2], k.shape[2]
+  return (_merge(d_q, 2, T).astype(dt), _merge(d_k, 2, S).astype(k.dtype),
+          _merge(d_v, 2, S).astype(v.dtype), None, None, None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 # ---- with a cache ------------------------------------------------------------------------------
