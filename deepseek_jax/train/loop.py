@@ -25,7 +25,7 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any, Collection
+from typing import Any, Collection, NamedTuple
 
 import jax
 import numpy as np
@@ -137,10 +137,11 @@ def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -
           'eval_bpb': data_lib.bits_per_byte(nats, num_bytes)}
 
 
-def build_mesh(mesh_cfg: MeshConfig, cfg: ModelConfig,
-               batch_size: int) -> tuple[jax.sharding.Mesh, tuple]:
-  """The run's mesh and rules table, checked against the model and the batch."""
-  mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.plane)
+def build_mesh(mesh_cfg: MeshConfig, cfg: ModelConfig, batch_size: int,
+               devices=None) -> tuple[jax.sharding.Mesh, tuple]:
+  """The run's mesh (over `devices`, default all of this process's view, e.g. a TPU topology's
+  for ahead-of-time compilation) and rules table, checked against the model and the batch."""
+  mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.plane, devices)
   sharding.check_mesh(mesh, batch_size, cfg.n_routed_experts, cfg.n_group,
                       cfg.hidden_size if mesh_cfg.fsdp else None)
   return mesh, sharding.rules(mesh_cfg.fsdp)
@@ -187,16 +188,37 @@ class _Session:
   eval_step: Any
 
 
-def _restore_or_create(run: RunConfig, seed: int, mesh, table, checkpoints: ckpt_lib.Checkpoints,
-                       iterator, lead: bool):
-  """(graphdef, rest, state, start, shardings, tx): the latest checkpoint's state (and iterator
-  position) restored onto `mesh`, or a fresh state created in place on it."""
+class TrainStateLayout(NamedTuple):
+  """What the train state will be on a mesh, before any of it exists (`train_state_layout`)."""
+  tx: Any              # the optimizer
+  init: Any            # init() -> (train state, rest), `step.initializer`
+  graphdef: Any
+  state: dict          # the train state's eval_shape (nnx Variables carry the logical names)
+  rest: Any            # the non-trainable rest's eval_shape
+  shardings: dict      # of the train state, `sharding.train_state_shardings`
+  rest_shardings: Any
+
+
+def train_state_layout(run: RunConfig, seed: int, mesh, table) -> TrainStateLayout:
+  """The optimizer, initializer, abstract train state and its shardings on `mesh` under `table`:
+  what the loop creates or restores the state onto and jits its step with (and what
+  `analysis.compile` compiles ahead of time). Call it outside `jax.set_mesh`."""
   tx = opt_lib.make_optimizer(run.train)
   init = step_lib.initializer(run.model, seed, tx)
   abstract_state, abstract_rest = jax.eval_shape(init)
   shardings = sharding.train_state_shardings(abstract_state, mesh, table)
   rest_shardings = sharding.variable_shardings(abstract_rest, mesh, table)
   graphdef = model_lib.split_trainable(model_lib.abstract(run.model))[0]
+  return TrainStateLayout(tx, init, graphdef, abstract_state, abstract_rest, shardings,
+                          rest_shardings)
+
+
+def _restore_or_create(run: RunConfig, seed: int, mesh, table, checkpoints: ckpt_lib.Checkpoints,
+                       iterator, lead: bool):
+  """(graphdef, rest, state, start, shardings, tx): the latest checkpoint's state (and iterator
+  position) restored onto `mesh`, or a fresh state created in place on it."""
+  tx, init, graphdef, abstract_state, _, shardings, rest_shardings = train_state_layout(
+      run, seed, mesh, table)
   meta = _meta(run)
   start = checkpoints.latest_step()
   if start is None:  # created in place on the mesh
