@@ -10,14 +10,17 @@ abstract train state and its shardings (`train.loop.train_state_layout`, eval_sh
 split over the batch axes), then `.lower(...)` under `jax.set_mesh` and `.compile()` with XLA's TPU
 compiler. It reads off the compiled step:
 - per-device bytes by kind (`memory_analysis()`), XLA's peak where it gives one, against the
-  chip's HBM (`HBM_PER_CHIP`, per device: a tpu7x chip is two devices);
+  chip's HBM per device (`HBM_PER_CHIP` over the devices per chip: libtpu lists the two
+  TensorCores of a tpu7x or v4 chip as two devices);
 - FLOPs per device from `cost_analysis()` beside the model's own count (`analysis/flops.py`);
-  XLA counts a loop body once, so a scanned stack of layers would be undercounted (the layers
-  are unrolled today);
 - the collectives of the optimized HLO per kind: count and bytes of their results.
+XLA counts a loop body once, in FLOPs and collectives alike: the layers are unrolled today, but
+the expert-parallel dispatch loops over 1,024-token chunks (`lax.map`) once a device has more.
 A step that does not fit is a report with `fits: false`: XLA's TPU compiler refuses such a
 program ("RESOURCE_EXHAUSTED ... the total memory required for HLO temporaries (336.18G) exceeds
 available HBM (95.74G)"), and that message and the byte counts it names are reported.
+Switches left at 'auto' that follow `jax.default_backend()` see the host's 'cpu' (e.g.
+`model.moe_matmul`: pass `ragged_dot` to compile what a TPU host runs).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def generation(topology: str, device_kind: str) -> str | None:
 
 
 def devices_per_chip(devices) -> int:
-  """JAX devices per chip: cores that are separate devices (tpu7x: 2) share a chip's coords."""
+  """JAX devices per chip: cores that are separate devices (tpu7x, v4: 2) share a chip's coords."""
   chips = {tuple(getattr(d, 'coords', (d.id,))) for d in devices}
   return max(len(devices) // max(len(chips), 1), 1)
 
