@@ -95,9 +95,8 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 # ---- without a cache, blockwise ------------------------------------------------------------------
 
-# 512 queries x 512 keys: a [B, N, 512, 512] float32 score block (1 MiB per head and sequence)
-# is big enough to fill an MXU / tensor-core tile many times over and small next to [T, S] at
-# V3's T = 4096. Clipped to T and S.
+# 512 queries x 512 keys (clipped to T and S): a float32 score block of 1 MiB per head and sequence,
+# many MXU / tensor-core tiles, and 1/64 of [T, S] at V3's T = 4096.
 BLOCK_Q = 512
 BLOCK_K = 512
 
