@@ -16,10 +16,11 @@ DTYPES = ('float32', 'bfloat16')
 MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
 PRECISIONS = ('bf16', 'fp8')
 KERNELS = ('auto', 'pallas', 'xla')
+REMAT_POLICIES = ('none', 'full', 'save_attention', 'offload_inputs')  # layers/remat.py
 # Fields that choose how the model computes, not what its parameters are (shapes, count, meaning
 # and the float32 masters are the same under each value): a checkpoint resumes across them.
 IMPLEMENTATION_FIELDS = ('dtype', 'moe_matmul', 'precision', 'mla_decode_kernel',
-                         'fp8_matmul_kernel')
+                         'fp8_matmul_kernel', 'remat')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,10 @@ class ModelConfig:
   # capability >= 8.9) or a TPU host (`kernels.mla_decode.supported`).
   mla_decode_kernel: str = 'auto'            # absorbed attention over the latent cache (decode)
   fp8_matmul_kernel: str = 'auto'            # the block-scaled FP8 GEMM under precision='fp8'
+  # What each decoder block's backward pass recomputes instead of keeping (layers/remat.py):
+  # 'none', 'full', 'save_attention' (keeps MLA's projections), 'offload_inputs' (block inputs in
+  # host memory). Training only; decoding with a cache never rematerializes.
+  remat: str = 'none'
 
   def __post_init__(self):
     _validate(self)
@@ -149,6 +154,8 @@ def _validate(c: ModelConfig) -> None:
     _fail('moe_matmul', c.moe_matmul, f'must be one of {MOE_MATMULS}')
   if c.precision not in PRECISIONS:
     _fail('precision', c.precision, f'must be one of {PRECISIONS}')
+  if c.remat not in REMAT_POLICIES:
+    _fail('remat', c.remat, f'must be one of {REMAT_POLICIES}')
   for name in ('mla_decode_kernel', 'fp8_matmul_kernel'):
     if getattr(c, name) not in KERNELS:
       _fail(name, getattr(c, name), f'must be one of {KERNELS}')

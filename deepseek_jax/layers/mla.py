@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
@@ -95,8 +96,9 @@ class MLA(nnx.Module):
     B, T, _ = x.shape
     N, U = self.cfg.num_heads, self.cfg.v_head_dim
     scale = rope.softmax_scale(self.cfg)
-    q_nope, q_rope = self.project_query(x, positions)   # [B, T, N, H], [B, T, N, R]
-    c_kv, k_rope = self.compress_kv(x, positions)       # [B, T, C], [B, T, R]
+    # Names for the remat policies (layers/remat.py: 'save_attention' keeps these three).
+    q_nope, q_rope = checkpoint_name(self.project_query(x, positions), 'q')  # [B,T,N,H], [B,T,N,R]
+    c_kv, k_rope = checkpoint_name(self.compress_kv(x, positions), 'kv_latent')  # [B,T,C], [B,T,R]
     if isinstance(cache, LatentLayer):
       if self.cfg.precision == 'fp8':
         c_kv = fp8.quant.round_trip(c_kv, fp8.ACT_BLOCK)  # as the W_UK / W_UV GEMMs quantize it
@@ -116,7 +118,8 @@ class MLA(nnx.Module):
                                          attention.causal_mask(positions, segment_ids), scale))
       else:
         o, cache = attention.naive(q, k, v, positions, cache, scale)
-    out = _linear(o.reshape(B, T, N * U), self.w_o[...].reshape(N * U, -1), self.cfg)
+    out = checkpoint_name(_linear(o.reshape(B, T, N * U), self.w_o[...].reshape(N * U, -1),
+                                  self.cfg), 'attn_out')
     return out, cache
 
 
