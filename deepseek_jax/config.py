@@ -16,11 +16,12 @@ DTYPES = ('float32', 'bfloat16')
 MOE_MATMULS = ('auto', 'ragged_dot', 'blocked')
 PRECISIONS = ('bf16', 'fp8')
 KERNELS = ('auto', 'pallas', 'xla')
+ATTENTIONS = ('auto', 'dense', 'blockwise')
 REMAT_POLICIES = ('none', 'full', 'save_attention', 'offload_inputs')  # layers/remat.py
 # Fields that choose how the model computes, not what its parameters are (shapes, count, meaning
 # and the float32 masters are the same under each value): a checkpoint resumes across them.
 IMPLEMENTATION_FIELDS = ('dtype', 'moe_matmul', 'precision', 'mla_decode_kernel',
-                         'fp8_matmul_kernel', 'remat')
+                         'fp8_matmul_kernel', 'remat', 'attention')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,10 @@ class ModelConfig:
   # capability >= 8.9) or a TPU host (`kernels.mla_decode.supported`).
   mla_decode_kernel: str = 'auto'            # absorbed attention over the latent cache (decode)
   fp8_matmul_kernel: str = 'auto'            # the block-scaled FP8 GEMM under precision='fp8'
+  # Attention without a cache (training, prefill; layers/attention.py): 'dense' keeps the
+  # [B, N, T, S] probabilities for its written-out backward, 'blockwise' recomputes them per block
+  # (memory grows with T, not T²), 'auto' dense when lowered for a CPU and blockwise elsewhere.
+  attention: str = 'auto'
   # What each decoder block's backward pass recomputes instead of keeping (layers/remat.py):
   # 'none', 'full', 'save_attention' (keeps MLA's projections), 'offload_inputs' (block inputs in
   # host memory). Training only; decoding with a cache never rematerializes.
@@ -156,6 +161,8 @@ def _validate(c: ModelConfig) -> None:
     _fail('precision', c.precision, f'must be one of {PRECISIONS}')
   if c.remat not in REMAT_POLICIES:
     _fail('remat', c.remat, f'must be one of {REMAT_POLICIES}')
+  if c.attention not in ATTENTIONS:
+    _fail('attention', c.attention, f'must be one of {ATTENTIONS}')
   for name in ('mla_decode_kernel', 'fp8_matmul_kernel'):
     if getattr(c, name) not in KERNELS:
       _fail(name, getattr(c, name), f'must be one of {KERNELS}')

@@ -114,8 +114,8 @@ class MLA(nnx.Module):
       v = _heads_linear(c_kv, self.w_uv[...], self.cfg)                        # [B, T, N, U]
       if cache is None:
         heads_first = lambda a: a.transpose(0, 2, 1, 3)
-        o = heads_first(attention.attend(heads_first(q), heads_first(k), heads_first(v),
-                                         attention.causal_mask(positions, segment_ids), scale))
+        o = heads_first(attention.self_attend(heads_first(q), heads_first(k), heads_first(v),
+                                              positions, segment_ids, scale, self.cfg.attention))
       else:
         o, cache = attention.naive(q, k, v, positions, cache, scale)
     out = checkpoint_name(_linear(o.reshape(B, T, N * U), self.w_o[...].reshape(N * U, -1),
