@@ -10,9 +10,9 @@ decoding and speculative verification.
 
 U is the value head dim. `MLA(x, positions, segment_ids, cache=None)` returns (out, cache) and
 picks its attention core (`layers/attention.py`) by the cache it is given: none -> the training
-path (`attend`, per-head keys formed from c_KV); a `LatentLayer` -> the absorbed form over the
-latent cache; a `NaiveLayer` -> the same per-head keys as training, against a materialized
-cache. Every projection goes through the same `linear` (and so the same precision switch) in all
+path (`self_attend`: per-head keys formed from c_KV, dense or blockwise by `model.attention`); a
+`LatentLayer` -> the absorbed form over the latent cache; a `NaiveLayer` -> the same per-head
+keys as training, against a materialized cache. Every projection goes through the same `linear` (and so the same precision switch) in all
 three; under precision='fp8' the absorbed form multiplies the FP8-rounded W_UK, W_UV and c_KV
 (`fp8.quant.round_trip`), which is what the uncached path's FP8 GEMMs multiply, so the paths
 agree up to accumulation order.
