@@ -140,10 +140,19 @@ def create(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = Non
            rules=None) -> DeepSeekV3:
   """A freshly initialised model (sharded by `rules` over `mesh` when given).
 
-  Raises MemoryError at once, before allocating anything, when the parameters cannot fit."""
-  check_fits(cfg, mesh)
+  Raises MemoryError at once, before allocating anything, when the parameters cannot fit. Under
+  a trace (`jax.eval_shape`, or `jax.jit` with sharded outputs, as the training loop creates its
+  state) nothing is allocated here, and where the result lands is the caller's to check."""
+  if _eager():
+    check_fits(cfg, mesh)
   with _creation_context(mesh, rules):
     return DeepSeekV3(cfg, nnx.Rngs(params=seed))
+
+
+def _eager() -> bool:
+  """Whether this runs eagerly rather than under a JAX trace (no public API says so)."""
+  from jax._src import core  # pylint: disable=import-outside-toplevel
+  return core.trace_state_clean()
 
 
 def param_bytes(cfg: ModelConfig) -> int:

@@ -195,3 +195,16 @@ def test_create_refuses_at_once_a_model_that_cannot_fit():
   assert 2_450 < need < 2_600  # ~684.5B variables x 4 bytes
   with pytest.raises(MemoryError, match=rf'need {need:,.1f} GiB per device .* GiB available'):
     model_lib.create(ModelConfig())
+
+
+def test_create_under_a_trace_leaves_the_memory_check_to_the_caller(tiny_config, monkeypatch):
+  """The training loop creates its state inside jax.jit with sharded outputs and the analyses
+  inside jax.eval_shape: nothing is allocated there, so create must not refuse (V3's 2.5 TB would
+  otherwise stop `summary --mesh` and every sharded run); eager creation still refuses."""
+  monkeypatch.setattr(model_lib, 'param_bytes', lambda cfg: 2**60)
+  cfg = tiny_config()
+  shapes = jax.eval_shape(lambda: nnx.state(model_lib.create(cfg)))
+  assert jax.tree.leaves(shapes)
+  with pytest.raises(MemoryError, match='per device'):
+    model_lib.create(cfg)
+
