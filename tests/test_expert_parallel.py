@@ -232,10 +232,12 @@ def test_moe_layer_under_mesh_equals_layer_without():
                                                             rel=1e-6)
 
 
-def test_ambient_mesh_only_when_experts_are_split():
+def test_ambient_mesh_whenever_the_mesh_has_several_devices():
   assert expert_parallel.ambient_mesh() is None
-  with jax.set_mesh(sharding.make_mesh(8, 1, 1)):   # data parallel only: the plain path
+  with jax.set_mesh(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):  # one device
     assert expert_parallel.ambient_mesh() is None
+  with jax.set_mesh(sharding.make_mesh(8, 1, 1)):   # data parallel only: still per device
+    assert dict(expert_parallel.ambient_mesh().shape) == {'data': 8, 'expert': 1, 'plane': 1}
   with jax.set_mesh(sharding.make_mesh(1, 1, 8)):
     assert dict(expert_parallel.ambient_mesh().shape) == {'data': 1, 'expert': 1, 'plane': 8}
 

@@ -4,9 +4,10 @@ Dispatch sorts the T*K (token, expert) pairs by expert and runs each expert's Sw
 its rows (`grouped_matmul.expert_swiglu`); combine scatters the rows back and sums them with the
 gates. No token is dropped and no expert computes on tokens it was not given.
 
-Under `jax.set_mesh(mesh)` with experts split over more than one device ('expert' x 'plane' > 1)
-the routed experts run expert-parallel (`deepseek_jax.layers.expert_parallel.moe_ep`); the router, the
-shared experts and the statistics stay outside shard_map, auto-sharded by jit.
+Under `jax.set_mesh(mesh)` with more than one device the routed experts run in `shard_map`
+(`layers/expert_parallel.moe_ep`): expert-parallel when 'expert' x 'plane' > 1, and per device
+under data parallelism alone (`expert_parallel.ambient_mesh` says why). The router, the shared
+experts and the statistics stay outside shard_map, auto-sharded by jit.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MoE(nnx.Module):
     weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
                self.w_down[...].astype(dt))
     mesh = expert_parallel.ambient_mesh()
-    if mesh is not None:  # experts split over ('expert', 'plane'): hierarchical all-to-all
+    if mesh is not None:  # several devices: dispatch in shard_map (all-to-all over experts)
       out = expert_parallel.moe_ep(u, routing.experts, routing.gates, *weights, mesh, self.cfg)
     else:
       out = dispatch_combine(tokens, routing, load, *weights, self.cfg.moe_matmul,
