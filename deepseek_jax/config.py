@@ -106,17 +106,23 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
     """Builds from a plain mapping (e.g. `config.model.to_dict()`); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f'ModelConfig: unknown field(s) {unknown}; known fields: {sorted(names)}')
-    return cls(**dict(values))
+    return cls(**known_fields(cls, values))
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def known_fields(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+  """`values` as a dict, after a ValueError naming any key that is not a field of dataclass
+  `cls` (the run configs' `from_dict` share it)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f'{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}')
+  return dict(values)
 
 
 def _fail(field: str, value: Any, why: str):

@@ -72,8 +72,7 @@ class DeepSeekV3(nnx.Module):
     cache.lengths[b] + t."""
     B, T = tokens.shape
     if positions is None:
-      positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-                   if cache is None else slot_positions(cache.lengths, T))
+      positions = _default_positions(B, T, cache)
     x = self.embed_tokens(tokens)
     stats, layers = [], []
     for i, block in enumerate(self.layers):
@@ -114,15 +113,22 @@ class DeepSeekV3(nnx.Module):
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   cache: Cache | None = None) -> MTPOutput:
     """MTP module `depth` (1-based, V3 §2.2): h_prev [B, T, D] is h^{depth-1}_i, next_tokens [B, T]
-    is t_{i+depth}. With `cache` (the module's own one-layer cache, when drafting) positions
-    default to cache.lengths[b] + t, as in `__call__`."""
+    is t_{i+depth}. Positions default as in `__call__`; `cache` is the module's own one-layer
+    cache when drafting."""
     module = self.mtp[depth - 1]
     if positions is None:
-      positions = slot_positions(cache.lengths, h_prev.shape[1])
+      positions = _default_positions(*h_prev.shape[:2], cache)
     h, normed, stats, layer = module(h_prev, self.embed_tokens(next_tokens), positions,
                                      segment_ids, None if cache is None else cache.layer(0))
     return MTPOutput(self.logits(normed), h, stats,
                      None if cache is None else cache.with_layers([layer]))
+
+
+def _default_positions(B: int, T: int, cache: Cache | None) -> jax.Array:
+  """[B, T]: 0..T-1 without a cache, cache.lengths[b] + t with one."""
+  if cache is None:
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+  return slot_positions(cache.lengths, T)
 
 
 def _creation_context(mesh: jax.sharding.Mesh | None, rules) -> contextlib.AbstractContextManager:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from typing import Any, Collection, Mapping
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, known_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'TrainConfig':
     """Builds from a plain mapping (e.g. `config.train.to_dict()`); unknown keys are an error."""
-    return cls(**_known(cls, values))
+    return cls(**known_fields(cls, values))
 
   def replace(self, **changes) -> 'TrainConfig':
     return dataclasses.replace(self, **changes)
@@ -98,7 +98,7 @@ class MeshConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'MeshConfig':
-    return cls(**_known(cls, values))
+    return cls(**known_fields(cls, values))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -155,14 +155,6 @@ def resolve(config, explicit: Collection[str] = ()) -> RunConfig:
 
 
 # ---- validation --------------------------------------------------------------------------------
-
-def _known(cls, values: Mapping[str, Any]) -> dict[str, Any]:
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ValueError(f'{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}')
-  return dict(values)
-
 
 def _fail(kind: str, field: str, value: Any, why: str):
   raise ValueError(f'{kind}.{field}={value!r}: {why}')
