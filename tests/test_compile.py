@@ -142,3 +142,9 @@ def test_without_libtpu_the_error_names_the_extra(monkeypatch):
 def test_hbm_table_covers_the_generations_and_counts_devices_per_chip():
   assert set(compile_lib.HBM_PER_CHIP) == {'v4', 'v5e', 'v5p', 'v6e', 'tpu7x'}
   assert math.isclose(compile_lib.HBM_PER_CHIP['tpu7x'][0] / 2**30, 192)
+
+
+@needs_libtpu
+def test_an_unknown_topology_is_named():
+  with pytest.raises(ValueError, match=r"--topology='v9x:1x1': libtpu does not know this slice"):
+    compile_lib.topology_devices('v9x:1x1')

@@ -103,7 +103,11 @@ def topology_devices(topology: str) -> list:
   if importlib.util.find_spec('libtpu') is None:
     raise LibtpuMissing(TPU_EXTRA)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  return list(topologies.get_topology_desc(topology_name=topology, platform='tpu').devices)
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform='tpu').devices)
+  except jax.errors.JaxRuntimeError as e:  # libtpu's words, e.g. "Invalid TPU external name"
+    raise ValueError(f'--topology={topology!r}: libtpu does not know this slice ({e}); names it '
+                     'accepts look like v5e:2x2, v5p:8x8x16, v6e:16x16, tpu7x:4x4x8') from e
 
 
 def generation(topology: str, device_kind: str) -> str | None:
