@@ -42,13 +42,17 @@ class Checkpoints:
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def read_meta(self, step: int) -> dict:
-    """The `meta` saved at `step` ({'model': the ModelConfig as a dict})."""
+    """The `meta` saved at `step` ({'model': the ModelConfig as a dict}). A checkpoint from
+    before `scan_layers` existed has unrolled layers, and says `scan_layers: False` here."""
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(
+      meta = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax raises many kinds for unreadable files
       raise ValueError(f'checkpoint {self.directory / str(step)} cannot be read '
                        f'({type(e).__name__}: {e})') from e
+    if isinstance(meta.get('model'), dict):
+      meta['model'] = {'scan_layers': False, **meta['model']}
+    return meta
 
   def restore(self, step: int, abstract_state: Any, meta: dict) -> tuple[Any, dict]:
     """The state and data-iterator state saved at `step`; `meta['model']` must match the saved
@@ -57,8 +61,15 @@ class Checkpoints:
     saved_meta = self.read_meta(step)
     mismatch = _differences(saved_meta.get('model', {}), meta.get('model', {}))
     if mismatch:
+      layout = ('. The layouts differ: its decoder layers are '
+                + ('stacked' if saved_meta['model'].get('scan_layers') else 'one module each')
+                + f', so run with --config.model.scan_layers='
+                + f'{bool(saved_meta["model"].get("scan_layers"))} (model.stack_layers and '
+                'model.unstack_layers convert a restored model)'
+                if any(m.startswith('model.scan_layers:') for m in mismatch) else '')
       raise ValueError(f'checkpoint {where} was written by a different model config: '
-                       + '; '.join(mismatch) + '. Use another --workdir or the same config.')
+                       + '; '.join(mismatch) + layout
+                       + '. Use another --workdir or the same config.')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

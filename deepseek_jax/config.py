@@ -80,6 +80,12 @@ class ModelConfig:
   # 'none', 'full', 'save_attention' (keeps MLA's projections), 'offload_inputs' (block inputs in
   # host memory). Training only; decoding with a cache never rematerializes.
   remat: str = 'none'
+  # The decoder layers as two stacks of parameters with a leading `layers` axis (the dense prefix,
+  # then the MoE layers), each run by one `jax.lax.scan` (model.py): compile time and program size
+  # no longer grow with depth. False keeps one module per layer. The two layouts' parameter trees
+  # differ, so a checkpoint restores only into the layout that wrote it (`model.stack_layers` /
+  # `unstack_layers` convert).
+  scan_layers: bool = True
 
   def __post_init__(self):
     _validate(self)

@@ -54,7 +54,12 @@ class DeepSeekV3(nnx.Module):
     D, V = cfg.hidden_size, cfg.vocab_size
     self.cfg = cfg
     self.embed = param.normal(rngs, (V, D), ('vocab', 'embed'), cfg.init_std)
-    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+    if cfg.scan_layers:  # two stacks, each of its layers' parameters along a leading axis
+      (_, dense), (_, moe) = layer_groups(cfg)
+      self.dense_layers = _stacked_blocks(cfg, 0, dense, rngs) if dense else None
+      self.moe_layers = _stacked_blocks(cfg, cfg.first_k_dense, moe, rngs) if moe else None
+    else:
+      self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(D, cfg.rms_norm_eps)
     self.head = param.normal(rngs, (D, V), ('embed', 'vocab'), cfg.init_std)  # untied
     self.mtp = nnx.List([MTPModule(cfg, k + 1, rngs) for k in range(cfg.mtp_depth)])
@@ -74,12 +79,18 @@ class DeepSeekV3(nnx.Module):
     if positions is None:
       positions = _default_positions(B, T, cache)
     x = self.embed_tokens(tokens)
-    stats, layers = [], []
-    for i, block in enumerate(self.layers):
-      x, layer_stats, layer = block(x, positions, segment_ids,
-                                    None if cache is None else cache.layer(i))
-      stats.append(layer_stats)
-      layers.append(layer)
+    stats, layers = [], []  # stats: MoEStats with a leading axis of layers, one per MoE run
+    if self.cfg.scan_layers and cache is None:
+      for stack in (self.dense_layers, self.moe_layers):
+        if stack is not None:
+          x, stack_stats = _scan_blocks(stack, x, positions, segment_ids)
+          stats.append(stack_stats)
+    else:  # one layer at a time: decoding updates each layer's cache in place (see _scan_blocks)
+      for i in range(self.cfg.num_layers):
+        x, layer_stats, layer = self.block(i)(x, positions, segment_ids,
+                                              None if cache is None else cache.layer(i))
+        stats.append(None if layer_stats is None else _one_layer(layer_stats))
+        layers.append(layer)
     hidden = x
     logits = self.logits(self.norm(x))
     mtp_logits = []
@@ -92,7 +103,7 @@ class DeepSeekV3(nnx.Module):
       mtp = self.mtp_forward(k, h, next_tokens, positions, segment_ids)
       h = mtp.hidden
       mtp_logits.append(mtp.logits)
-      stats.append(mtp.stats)
+      stats.append(None if mtp.stats is None else _one_layer(mtp.stats))
     moe_stats = [s for s in stats if s is not None]
     E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
     return ModelOutput(
@@ -100,14 +111,28 @@ class DeepSeekV3(nnx.Module):
         mtp_logits=(jnp.stack(mtp_logits) if mtp_logits
                     else jnp.zeros((0,) + logits.shape, jnp.float32)),
         hidden=hidden,
-        expert_load=(jnp.stack([s.expert_load for s in moe_stats]) if moe_stats
+        expert_load=(jnp.concatenate([s.expert_load for s in moe_stats]) if moe_stats
                      else jnp.zeros((0, E), jnp.int32)),
-        seq_balance_loss=(jnp.stack([s.seq_balance_loss for s in moe_stats]) if moe_stats
+        seq_balance_loss=(jnp.concatenate([s.seq_balance_loss for s in moe_stats]) if moe_stats
                           else jnp.zeros((0,), jnp.float32)),
-        expert_ids=(jnp.stack([s.experts for s in moe_stats]) if moe_stats
+        expert_ids=(jnp.concatenate([s.experts for s in moe_stats]) if moe_stats
                     else jnp.zeros((0, B, T, K), jnp.int32)),
         cache=None if cache is None else cache.with_layers(layers),
     )
+
+  def block(self, i: int) -> Block:
+    """Decoder layer i (0-based, main model) as a `Block`. Under `scan_layers` it is a view made
+    from slice i of its stack: reading works (also under jit); assigning to it does not reach the
+    stack (`stack_layers` / `unstack_layers` convert whole models)."""
+    if not 0 <= i < self.cfg.num_layers:
+      raise IndexError(f'layer {i}: the model has {self.cfg.num_layers} decoder layers')
+    if not self.cfg.scan_layers:
+      return self.layers[i]
+    stack, index = ((self.dense_layers, i) if i < self.cfg.first_k_dense
+                    else (self.moe_layers, i - self.cfg.first_k_dense))
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda v: _layer_of(v, index), state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
   def mtp_forward(self, depth: int, h_prev: jax.Array, next_tokens: jax.Array,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -122,6 +147,85 @@ class DeepSeekV3(nnx.Module):
                                      segment_ids, None if cache is None else cache.layer(0))
     return MTPOutput(self.logits(normed), h, stats,
                      None if cache is None else cache.with_layers([layer]))
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(first layer, count) of the dense prefix and of the MoE layers."""
+  dense = min(cfg.first_k_dense, cfg.num_layers)
+  return (0, dense), (dense, cfg.num_layers - dense)
+
+
+def _stacked_blocks(cfg: ModelConfig, first: int, count: int, rngs: nnx.Rngs) -> Block:
+  """`count` blocks of layer `first`'s kind as one Block whose variables have a leading axis of
+  size `count` (logical name `layers`).
+
+  Each layer draws the keys it would draw unrolled: block j starts where the unrolled model's
+  sequential draws would be (the stream's count + j * draws per block), so both layouts
+  initialise to the same values and `stack_layers` of an unrolled model is the scanned one."""
+  draws = _draws_per_block(cfg, first)
+  stream = rngs.params
+  key, start = stream.key[...], stream.count[...]
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(layer_count):
+    layer_rngs = nnx.Rngs(params=key)
+    layer_rngs.params.count[...] = layer_count
+    return Block(cfg, first, layer_rngs)
+
+  stack = make(start + jnp.uint32(draws) * jnp.arange(count, dtype=jnp.uint32))
+  stream.count[...] = start + jnp.uint32(draws * count)
+  return stack
+
+
+class _CountingRngs:
+  """Stands in for `nnx.Rngs` to count the keys a module draws (`param.normal` is the one
+  caller of `rngs.params()` in the layers)."""
+
+  def __init__(self):
+    self.draws = 0
+
+  def params(self) -> jax.Array:
+    self.draws += 1
+    return jax.random.key(0)
+
+
+def _draws_per_block(cfg: ModelConfig, layer: int) -> int:
+  counter = _CountingRngs()
+  with nnx.use_eager_sharding(False):
+    jax.eval_shape(lambda: nnx.state(Block(cfg, layer, counter)))
+  return counter.draws
+
+
+def _scan_blocks(stack: Block, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> tuple[jax.Array, MoEStats | None]:
+  """x through every layer of a stacked Block by `jax.lax.scan`: one traced and compiled body
+  (rematerialized inside by the block's own policy), the MoE statistics stacked per layer.
+
+  Training and cacheless prefill only. With a cache the model walks the layers one by one: in a
+  scan, each step's layer of the cache would be sliced out of the stack and written back whole."""
+  graphdef, state = nnx.split(stack)
+
+  def body(x, layer_state):
+    x, stats, _ = nnx.merge(graphdef, layer_state)(x, positions, segment_ids)
+    return x, stats
+
+  return jax.lax.scan(body, x, state)
+
+
+def _layer_of(variable: nnx.Variable, index: int) -> nnx.Variable:
+  """Slice `index` of a stacked variable, its logical axes without the leading `layers`."""
+  value = variable.get_value()
+  value = (jax.ShapeDtypeStruct(value.shape[1:], value.dtype)  # of `abstract(cfg)`
+           if isinstance(value, jax.ShapeDtypeStruct) else value[index])
+  axes = variable.get_metadata().get('out_sharding')
+  if axes:
+    return variable.replace(value, out_sharding=tuple(axes[1:]))
+  return variable.replace(value)
+
+
+def _one_layer(stats: MoEStats) -> MoEStats:
+  """One layer's statistics with the leading layers axis the stacks give theirs."""
+  return jax.tree.map(lambda a: a[None], stats)
 
 
 def _default_positions(B: int, T: int, cache: Cache | None) -> jax.Array:
@@ -222,6 +326,59 @@ def apply(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
   """Pure forward pass over split state, for use inside `jax.jit` / `jax.grad`."""
   model = nnx.merge(graphdef, state)
   return model(tokens, positions, segment_ids)
+
+
+# ---- the two layouts of the decoder layers ------------------------------------------------------
+
+def layer_location(cfg: ModelConfig, i: int) -> tuple[tuple, int | None]:
+  """Where decoder layer i's variables live in the state: (path prefix, index along the stack's
+  leading axis), the index None when layers are not stacked."""
+  if not cfg.scan_layers:
+    return ('layers', i), None
+  if i < cfg.first_k_dense:
+    return ('dense_layers',), i
+  return ('moe_layers',), i - cfg.first_k_dense
+
+
+def relayout(flat: dict[tuple, Any], cfg: ModelConfig) -> dict[tuple, Any]:
+  """A flat {path: array} tree of either layout (`cfg` is the model's, its `scan_layers` read
+  from the paths) in the other: per-layer ('layers', i, ...) entries stacked into
+  ('dense_layers' | 'moe_layers', ...), or stacks split into layers. Any tree shaped like the
+  model's state works (parameters, router biases, optimizer moments)."""
+  out, stacks = {}, {}
+  for path, value in flat.items():
+    if path[0] == 'layers':
+      prefix, index = layer_location(cfg.replace(scan_layers=True), path[1])
+      stacks.setdefault(prefix + path[2:], {})[index] = value
+    elif path[0] in ('dense_layers', 'moe_layers'):
+      first = 0 if path[0] == 'dense_layers' else cfg.first_k_dense
+      for j in range(value.shape[0]):
+        out[('layers', first + j) + path[1:]] = value[j]
+    else:
+      out[path] = value
+  for path, layers in stacks.items():
+    out[path] = jnp.stack([layers[j] for j in range(len(layers))])
+  return out
+
+
+def _with_layout(model: DeepSeekV3, scan_layers: bool) -> DeepSeekV3:
+  if model.cfg.scan_layers == scan_layers:
+    return model
+  graphdef, target = nnx.split(abstract(model.cfg.replace(scan_layers=scan_layers)))
+  values = relayout({path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model))},
+                    model.cfg)
+  return nnx.merge(graphdef, nnx.from_flat_state(
+      {path: v.replace(values[path]) for path, v in nnx.to_flat_state(target)}))
+
+
+def stack_layers(model: DeepSeekV3) -> DeepSeekV3:
+  """The same model with `scan_layers=True` (its parameters stacked); the model itself if it is."""
+  return _with_layout(model, True)
+
+
+def unstack_layers(model: DeepSeekV3) -> DeepSeekV3:
+  """The same model with `scan_layers=False` (one module per layer)."""
+  return _with_layout(model, False)
 
 
 # ---- the trainable tree: what the optimizer updates, split from the rest of the state -----

@@ -78,6 +78,7 @@ def rules(fsdp: bool = False) -> tuple[tuple[str, str | tuple[str, ...] | None],
       ('embed', 'data' if fsdp else None),
       ('vocab', None), ('heads', None), ('head_dim', None), ('q_latent', None),
       ('kv_latent', None), ('rope', None), ('mlp', None), ('norm', None), ('mtp_in', None),
+      ('layers', None),  # the stacks' leading axis (`model.scan_layers`): every device all layers
   )
 
 

@@ -200,7 +200,7 @@ def test_mla_blockwise_equals_dense():
   segments = jnp.asarray(np.stack([np.arange(T) * 2 // T, np.zeros(T, int)]), jnp.int32)
   results = []
   for implementation in ('dense', 'blockwise'):
-    layer = tiny.random_model(cfg.replace(attention=implementation), seed=2).layers[0].attn
+    layer = tiny.random_model(cfg.replace(attention=implementation), seed=2).block(0).attn
     loss = lambda x: jnp.sum(layer(x, positions, segments)[0] ** 2)
     results.append(jax.jit(jax.value_and_grad(loss))(x))
   for got, expected in zip(results[1], results[0]):

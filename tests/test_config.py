@@ -187,7 +187,7 @@ def test_plain_query_and_v2_lite_style_routing_are_valid():
   cfg = make(q_lora_rank=None, scoring_func='softmax', use_router_bias=False, n_group=1,
              topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, rope_factor=1.0)
   assert cfg.q_lora_rank is None and not cfg.yarn
-  attn = model_lib.abstract(cfg).layers[0].attn
+  attn = model_lib.abstract(cfg).block(0).attn
   assert attn.w_q.shape == (32, 2, 8) and attn.w_qr.shape == (32, 2, 4)
   assert not hasattr(attn, 'w_dq')
   assert output_shapes(cfg).logits.shape == (1, 4, 64)

@@ -47,7 +47,7 @@ def test_fp8_leaves_embedding_head_router_and_attention_core_in_high_precision()
   x = ref.embed_tokens(tokens)
   np.testing.assert_array_equal(fp8.embed_tokens(tokens), x)
   np.testing.assert_array_equal(fp8.logits(x), ref.logits(x))
-  moe_ref, moe_fp8 = ref.layers[1].ffn, fp8.layers[1].ffn
+  moe_ref, moe_fp8 = ref.block(1).ffn, fp8.block(1).ffn
   flat = x.reshape(-1, CFG.hidden_size)
   for a, b in zip(router.route(flat, moe_ref.router_kernel[...], moe_ref.router_bias[...], CFG),
                   router.route(flat, moe_fp8.router_kernel[...], moe_fp8.router_bias[...],
@@ -55,8 +55,8 @@ def test_fp8_leaves_embedding_head_router_and_attention_core_in_high_precision()
     np.testing.assert_array_equal(a, b)
   # ...while the MLA projections do change.
   positions = jnp.arange(16)[None]
-  assert not np.array_equal(fp8.layers[0].attn.compress_kv(x, positions)[0],
-                            ref.layers[0].attn.compress_kv(x, positions)[0])
+  assert not np.array_equal(fp8.block(0).attn.compress_kv(x, positions)[0],
+                            ref.block(0).attn.compress_kv(x, positions)[0])
 
 
 def test_linear_dispatches_to_fp8():

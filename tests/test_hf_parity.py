@@ -120,7 +120,7 @@ def test_bias_and_group_limit_change_routing(tmp_path):
   """(a) is only sharp if the bias and the group limit both move experts in that model."""
   model = hf_model()
   model.save_pretrained(tmp_path)
-  cfg, ours = convert.load_pretrained(tmp_path)
+  cfg, ours = convert.load_pretrained(tmp_path, scan_layers=False)  # a module per layer to edit
   tokens = jnp.asarray(tokens_for(BASE['vocab_size']))
   reference = np.asarray(ours(tokens).logits)
   for layer in ours.layers[1:]:  # all groups allowed
@@ -426,12 +426,12 @@ def test_load_with_mesh(saved):
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   rules = (('expert', 'expert'), ('vocab', 'data')) + tuple(  # the rest replicated
       (name, None) for name in ('embed', 'heads', 'head_dim', 'q_latent', 'kv_latent', 'rope',
-                                'mlp', 'norm', 'mtp_in'))
+                                'mlp', 'norm', 'mtp_in', 'layers'))
   _, plain = convert.load_pretrained(saved)
   _, sharded = convert.load_pretrained(saved, mesh=mesh, rules=rules)
-  w_gate = sharded.layers[1].ffn.w_gate.get_value()
-  assert w_gate.sharding.spec[0] == 'expert' and len(w_gate.addressable_shards) == 8
-  np.testing.assert_array_equal(np.asarray(w_gate), np.asarray(plain.layers[1].ffn.w_gate[...]))
+  w_gate = sharded.moe_layers.ffn.w_gate.get_value()  # [L_moe, E, D, F], the MoE layers stacked
+  assert w_gate.sharding.spec[:2] == (None, 'expert') and len(w_gate.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(w_gate), np.asarray(plain.moe_layers.ffn.w_gate[...]))
   head = sharded.head.get_value()
   assert head.sharding.spec == jax.sharding.PartitionSpec(None, 'data')
   np.testing.assert_array_equal(np.asarray(head), np.asarray(plain.head[...]))

@@ -23,6 +23,8 @@ def by_hand(mesh, fsdp: bool) -> tuple[int, int]:
   total = bias = 0
   for path, leaf in nnx.to_flat_state(nnx.state(model_lib.abstract(CFG))):
     shape, names = leaf.get_value().shape, leaf.get_metadata()['out_sharding']
+    if names[0] == 'layers':  # a stack of layers (scan_layers): whole on every device
+      shape, names = (shape[0] * shape[1],) + shape[2:], names[1:]
     split = 1
     if names[0] == 'expert' and len(shape) == 3:  # w_gate / w_up / w_down [E, ., .]
       split *= expert * plane

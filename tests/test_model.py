@@ -9,6 +9,7 @@ from flax import nnx
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import param
 from tests.tiny import tiny_config
 
 # 2 layers (1 dense, 1 MoE) + 2 MTP blocks (MoE): 3 MoE layers. YaRN on (factor 4 over 16).
@@ -24,9 +25,8 @@ def model():
   m = model_lib.create(CFG, seed=0)
   # A nonzero router bias, as after some balancing steps, so that it takes part in every test.
   rng = np.random.default_rng(0)
-  for layer in list(m.layers) + [module.block for module in m.mtp]:
-    if hasattr(layer.ffn, 'router_bias'):
-      layer.ffn.router_bias.set_value(jnp.asarray(rng.standard_normal(8) * 0.05, jnp.float32))
+  for path, bias in nnx.to_flat_state(nnx.state(m, param.RouterBias)):  # stacked ones too
+    bias.set_value(jnp.asarray(rng.standard_normal(bias.get_value().shape) * 0.05, jnp.float32))
   return m
 
 
@@ -56,8 +56,8 @@ def compose(m, x, next_embeddings, positions):
   """Blocks + final norm + head on embeddings x [B, T, D], then each MTP module on its own
   next-token embeddings [B, T, D] -> logits [1 + P, B, T, V] (main head first)."""
   h = x
-  for block in m.layers:
-    h, _, _ = block(h, positions)
+  for i in range(m.cfg.num_layers):  # the stacks' layers one by one, not by lax.scan
+    h, _, _ = m.block(i)(h, positions)
   outs = [m.logits(m.norm(h))]
   for module, e in zip(m.mtp, next_embeddings):
     h, normed, _, _ = module(h, e, positions)

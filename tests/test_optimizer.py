@@ -18,7 +18,9 @@ from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train.config import TrainConfig
 
 E = 4
-CFG = tiny_config(n_routed_experts=E, n_group=2, topk_group=1, init_std=0.02)
+# One module per layer, so that each MoE layer's bias has its own path; the stacked layout's
+# [L, E] biases are tested at the end.
+CFG = tiny_config(n_routed_experts=E, n_group=2, topk_group=1, init_std=0.02, scan_layers=False)
 GAMMA = 1e-3
 BIAS_PATHS = [('layers', 1, 'ffn', 'router_bias'), ('layers', 2, 'ffn', 'router_bias'),
               ('mtp', 0, 'block', 'ffn', 'router_bias')]
@@ -87,6 +89,24 @@ def test_bias_loads_rows(split):
     np.testing.assert_array_equal(loads[path], LOADS[row])
   with pytest.raises(ValueError, match='expert_load has shape'):
     opt.bias_loads(tree['router_bias'], jnp.zeros((2, E), jnp.int32), CFG)
+
+
+def test_stacked_biases_take_their_rows_and_move_row_by_row():
+  """Under scan_layers the main MoE layers' biases are one [2, E] stack: it takes rows 0 and 1
+  at once and each row moves against its own layer's mean, as the unrolled biases do."""
+  cfg = CFG.replace(scan_layers=True)
+  _, tree, _ = model_lib.split_trainable(model_lib.abstract(cfg))
+  bias = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree['router_bias'])
+  loads = opt.bias_loads(bias, jnp.asarray(LOADS), cfg)
+  stack, mtp = ('moe_layers', 'ffn', 'router_bias'), ('mtp', 0, 'block', 'ffn', 'router_bias')
+  got = flat(loads)
+  assert list(got) == [stack, mtp]
+  np.testing.assert_array_equal(got[stack], LOADS[:2])
+  np.testing.assert_array_equal(got[mtp], LOADS[2])
+  tx = opt.aux_free_bias_update(GAMMA)
+  updates = flat(tx.update(bias, tx.init(bias), bias, expert_load=loads)[0])
+  np.testing.assert_array_equal(updates[stack], MOVES[:2])
+  np.testing.assert_array_equal(updates[mtp], MOVES[2])
 
 
 # ---- the aux-loss-free bias update -----------------------------------------------------------

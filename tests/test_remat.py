@@ -31,8 +31,11 @@ os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
-CFG = tiny_config(num_layers=2)  # a dense block, an MoE block and the MTP block
-EQUAL_CFG = CFG.replace(mtp_depth=0)  # the same kinds of block, compiled 4 times: no MTP
+# A dense block, an MoE block and the MTP block, one module each: the residuals below are read by
+# name per block, and a scan's residuals are its stacked outputs, whose names the trace drops.
+CFG = tiny_config(num_layers=2, scan_layers=False)
+# The same kinds of block, compiled 4 times (no MTP), stacked: each policy inside the scan body.
+EQUAL_CFG = CFG.replace(mtp_depth=0, scan_layers=True)
 TOKENS = jax.random.randint(jax.random.key(0), (2, 32), 0, CFG.vocab_size)
 LONG = jax.random.randint(jax.random.key(1), (2, 256), 0, CFG.vocab_size)  # T^2 terms dominate
 

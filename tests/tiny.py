@@ -33,9 +33,10 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> model_lib.DeepSeekV3:
   """Matrices ~ N(0, init_std), RMSNorm weights in [0.5, 1.5] and router biases ~ N(0, 0.1), so
-  that a norm or bias read in the wrong place shows (identity-like values would hide it)."""
+  that a norm or bias read in the wrong place shows (identity-like values would hide it). Drawn
+  layer by layer, then stacked under `scan_layers`: both layouts get the same values."""
   rng = np.random.default_rng(seed)
-  graphdef, state = nnx.split(model_lib.abstract(cfg))
+  graphdef, state = nnx.split(model_lib.abstract(cfg.replace(scan_layers=False)))
   leaves = {}
   for path, leaf in nnx.to_flat_state(state):
     shape = leaf.get_value().shape
@@ -47,7 +48,8 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> model_lib.DeepSeekV3:
     else:
       value = cfg.init_std * rng.standard_normal(shape)
     leaves[path] = leaf.replace(jnp.asarray(value, jnp.float32))
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+  model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+  return model_lib.stack_layers(model) if cfg.scan_layers else model
 
 
 def full_logits(model: model_lib.DeepSeekV3, tokens: np.ndarray) -> np.ndarray:

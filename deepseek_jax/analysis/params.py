@@ -2,7 +2,7 @@
 
 Total counts every `nnx.Param` of the main model (the router bias is non-gradient state, not a
 parameter, as in the released checkpoint where it is a buffer). Activated per token keeps, of the
-routed experts (params whose first logical axis is `expert`), only K of E. MTP counts the unique
+routed experts (params with a logical axis `expert`), only K of E. MTP counts the unique
 parameters of the MTP modules (embedding and head are shared with the main model).
 """
 
@@ -40,7 +40,7 @@ def count(cfg: ModelConfig) -> ParamCounts:
     if not isinstance(var, nnx.Param):
       continue  # the router bias is state, not a parameter
     size = int(np.prod(var.shape))
-    is_routed = (var.get_metadata().get('out_sharding') or (None,))[0] == 'expert'
+    is_routed = 'expert' in (var.get_metadata().get('out_sharding') or ())  # also when stacked
     if path[0] == 'mtp':
       mtp += size
       mtp_routed += size if is_routed else 0

@@ -332,10 +332,11 @@ def mtp_layers_in(names: set[str], num_layers: int) -> int:
   return max(extra) - num_layers + 1 if extra else 0  # gaps show up as missing tensors
 
 
-def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None,
-                    rules=None) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
+def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+                    scan_layers: bool = True) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
   """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (float32 params, FP8 or not),
-  without initialising the model; with `mesh`, each parameter lands with its sharding."""
+  without initialising the model; with `mesh`, each parameter lands with its sharding. The
+  decoder layers come stacked (`ModelConfig.scan_layers`) unless `scan_layers=False`."""
   directory = pathlib.Path(path)
   if not (directory / 'config.json').is_file():
     raise FileNotFoundError(f'load_pretrained: {directory / "config.json"} not found '
@@ -344,6 +345,7 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None,
   ckpt = safetensors_io.Checkpoint(directory)
   names = ckpt.names()
   cfg = config_from_hf(hf, mtp_depth=mtp_layers_in(names, hf['num_hidden_layers']))
+  cfg = cfg.replace(scan_layers=scan_layers)
   block = tuple((hf.get('quantization_config') or {}).get('weight_block_size', (128, 128)))
   plan, copies = tensor_plan(cfg, names)
   _check(ckpt, plan, copies, block, str(directory))
@@ -353,18 +355,34 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None,
   if mesh is not None:
     with nnx.logical_axis_rules(rules or ()):
       shardings = dict(nnx.to_flat_state(nnx.get_named_sharding(state, mesh)))
-  filled = {}
+  filled, stacks = {}, {}  # stacks: leaf path -> (host buffer, layers written so far)
+
+  def place(path, value):
+    array = (jnp.asarray(value) if mesh is None
+             else jax.device_put(value, shardings[path].get_value()))
+    filled[path] = leaves[path].replace(array)
+
   for rule in plan:
     values = rule.convert(*[_read(ckpt, name, block) for name in rule.sources])
     for target, value in zip(rule.targets, values):
-      leaf = leaves[target]
-      if value.shape != leaf.get_value().shape:  # a plan bug, not a checkpoint problem
+      # The plan names layers one by one; stacked layers fill slice `index` of their stack.
+      path, index = target, None
+      if target[0] == 'layers':
+        prefix, index = model_lib.layer_location(cfg, target[1])
+        path = prefix + target[2:]
+      shape = leaves[path].get_value().shape
+      if value.shape != (shape if index is None else shape[1:]):  # a plan bug, not the file's
         raise ValueError(f'{target}: {value.shape} from {list(rule.sources)[:3]}, model expects '
-                         f'{leaf.get_value().shape}')
+                         f'{shape if index is None else shape[1:]}')
       value = np.ascontiguousarray(value, np.float32)
-      array = (jnp.asarray(value) if mesh is None
-               else jax.device_put(value, shardings[target].get_value()))
-      filled[target] = leaf.replace(array)
+      if index is None:
+        place(path, value)
+        continue
+      buffer, written = stacks.setdefault(path, (np.empty(shape, np.float32), set()))
+      buffer[index] = value
+      written.add(index)
+      if len(written) == shape[0]:
+        place(path, stacks.pop(path)[0])
   unfilled = sorted(set(leaves) - set(filled), key=str)
   if unfilled:
     raise ValueError(f'load_pretrained: no checkpoint tensor fills {unfilled[:8]}')

@@ -67,7 +67,7 @@ def decode_loop(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, num_ste
   """`num_steps` decode steps in one `lax.scan`: (tokens [B, num_steps] after `token`, cache).
   The heads-major weights are made once, before the loop, and attached to the cache in the body."""
   model = nnx.merge(graphdef, state)
-  weights = cache_lib.absorbed_weights([block.attn for block in model.layers], model.cfg)
+  weights = cache_lib.absorbed_weights([model.block(i).attn for i in range(model.cfg.num_layers)], model.cfg)
 
   def body(carry, index):
     token, cache = carry

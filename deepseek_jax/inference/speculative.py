@@ -150,7 +150,7 @@ def decode_loop(graphdef: nnx.GraphDef, sampling: sampling_lib.Sampling, max_new
     return jnp.min(carry[0].count) < max_new_tokens
 
   model = nnx.merge(graphdef, state)  # heads-major weights made once, attached in the body
-  main = cache_lib.absorbed_weights([block.attn for block in model.layers], model.cfg)
+  main = cache_lib.absorbed_weights([model.block(i).attn for i in range(model.cfg.num_layers)], model.cfg)
   draft = cache_lib.absorbed_weights([model.mtp[0].block.attn], model.cfg)
 
   def attach(spec, main, draft):

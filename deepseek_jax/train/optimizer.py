@@ -31,24 +31,26 @@ def bias_loads(router_bias_state: nnx.State, expert_load: jax.Array, cfg: ModelC
   """Each router bias's row of the model's `expert_load` [L_moe, E], in the bias state's structure.
 
   Rows are the MoE layers in order (main layer i >= first_k_dense is row i - first_k_dense),
-  then MTP module k's block (row num_layers - first_k_dense + k).
+  then MTP module k's block (row num_layers - first_k_dense + k). Under `scan_layers` the main
+  layers' biases are one [L_moe - P, E] stack, which takes the main rows at once.
   """
   rows = cfg.num_moe_layers + cfg.mtp_depth
   if expert_load.shape != (rows, cfg.n_routed_experts):
     raise ValueError(f'expert_load has shape {expert_load.shape}; the model has {rows} MoE '
                      f'layers of {cfg.n_routed_experts} experts')
 
-  def row(path) -> int:
+  def rows_of(path) -> jax.Array:
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    if keys == ('moe_layers', 'ffn', 'router_bias'):
+      return expert_load[:cfg.num_moe_layers]
     if keys[:1] == ('layers',) and keys[2:] == ('ffn', 'router_bias'):
       if keys[1] >= cfg.first_k_dense:  # a dense layer's row would silently index from the end
-        return keys[1] - cfg.first_k_dense
+        return expert_load[keys[1] - cfg.first_k_dense]
     if keys[:1] == ('mtp',) and keys[2:] == ('block', 'ffn', 'router_bias'):
-      return cfg.num_moe_layers + keys[1]
+      return expert_load[cfg.num_moe_layers + keys[1]]
     raise ValueError(f'no expert-load row for the router bias at {keys}')
 
-  return jax.tree_util.tree_map_with_path(lambda path, _: expert_load[row(path)],
-                                          router_bias_state)
+  return jax.tree_util.tree_map_with_path(lambda path, _: rows_of(path), router_bias_state)
 
 
 def _key_names(path) -> tuple:
@@ -111,8 +113,9 @@ def aux_free_bias_update(gamma: float | optax.Schedule) -> optax.GradientTransfo
         raise ValueError(f'expert load {jax.tree_util.keystr(load_path)} {load.shape} does not '
                          f'match router bias {jax.tree_util.keystr(path)} {bias_update.shape}')
       load = load.astype(jnp.float32)
-      # Overloaded experts (above the mean) lose gamma, underloaded gain it, balanced stay put.
-      move = step_gamma * jnp.sign(jnp.mean(load) - load)
+      # Overloaded experts (above the layer's mean) lose gamma, underloaded gain it, balanced
+      # stay put; a stack of layers' biases ([L, E], `scan_layers`) moves row by row.
+      move = step_gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
       moves.append(move.astype(bias_update.dtype))
     return treedef.unflatten(moves), state
 
