@@ -69,15 +69,18 @@ def make_mesh(data: int = -1, expert: int = 1, plane: int = 1,
 def rules(fsdp: bool = False) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   """Logical axis name -> mesh axes, for `nnx.logical_axis_rules` and `logical_spec`.
 
-  Routed experts are split over ('expert', 'plane'); with `fsdp` the model dimension (`embed`)
-  of every weight is split over `data` as well (ZeRO-3 style: gathered for use, gradients
-  reduce-scattered by XLA), otherwise everything else is replicated.
+  Routed experts are split over ('expert', 'plane'); with `fsdp` every weight is split over
+  `data` as well (ZeRO-3 style: gathered for use, gradients reduce-scattered by XLA) along its
+  model dimension (`embed`), or where it has none along its latent one (`q_latent`,
+  `kv_latent`: MLA's up-projections, 3.3B of V3's parameters); otherwise everything else is
+  replicated.
   """
   return (
       ('expert', EXPERTS),
       ('embed', 'data' if fsdp else None),
-      ('vocab', None), ('heads', None), ('head_dim', None), ('q_latent', None),
-      ('kv_latent', None), ('rope', None), ('mlp', None), ('norm', None), ('mtp_in', None),
+      ('q_latent', 'data' if fsdp else None), ('kv_latent', 'data' if fsdp else None),
+      ('vocab', None), ('heads', None), ('head_dim', None),
+      ('rope', None), ('mlp', None), ('norm', None), ('mtp_in', None),
       ('layers', None),  # the stacks' leading axis (`model.scan_layers`): every device all layers
   )
 

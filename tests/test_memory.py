@@ -1,6 +1,6 @@
 """Per-device train-state memory on a mesh (`analysis/memory.py`), against a count by hand: every
-routed-expert weight split over expert x plane, with FSDP every `embed` dimension over data as
-well, everything else whole on every device; AdamW's two moments mirror the parameters."""
+routed-expert weight split over expert x plane, with FSDP every weight over data as well (its
+`embed` dimension, or its latent one), everything else whole on every device; AdamW's two moments mirror the parameters."""
 
 import math
 
@@ -30,7 +30,7 @@ def by_hand(mesh, fsdp: bool) -> tuple[int, int]:
       split *= expert * plane
     elif names == ('expert',) or path[-1] == 'router_kernel':  # router bias / kernel [., E]
       split *= expert * plane
-    if fsdp and 'embed' in names:
+    if fsdp and {'embed', 'q_latent', 'kv_latent'} & set(names):  # one of them, over data
       split *= data
     total += math.prod(shape) * 4 // split
     bias += math.prod(shape) * 4 // split if path[-1] == 'router_bias' else 0

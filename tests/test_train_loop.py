@@ -164,6 +164,18 @@ def test_checkpoint_of_another_model_config_is_refused(reference, tmp_path):
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before  # nothing deleted
 
 
+def test_checkpoint_of_the_other_layer_layout_is_refused_naming_scan_layers(reference):
+  """The reference run (tiny: one module per layer) continued with stacked layers: the
+  parameter trees differ, and the error says which field and how to go on."""
+  workdir, _ = reference
+  config = small_config(14)
+  assert not config.model.scan_layers
+  config.model.scan_layers = True
+  with pytest.raises(ValueError, match=r'model\.scan_layers: checkpoint False, config True.*'
+                                       r'--config\.model\.scan_layers=False'):
+    loop.train(config, workdir)
+
+
 def test_resume_with_other_kernel_switches_continues_from_the_checkpoint(reference, tmp_path,
                                                                         capsys):
   ref_dir, _ = reference

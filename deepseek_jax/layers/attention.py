@@ -174,6 +174,13 @@ def _block_mask(q_positions, q_segments, k_positions, k_segments, valid):
   return mask & valid[:, None, None, :]
 
 
+def _tied(carry, mask_inputs):
+  """(carry, mask_inputs) through an optimization barrier: the block's mask then depends on the
+  loop's carry, and XLA cannot compute every block's mask ahead of the loops, which it does when
+  positions are not constants (a [T/t, S/s, B, 1, t, s] array, growing with T^2)."""
+  return jax.lax.optimization_barrier((carry, mask_inputs))
+
+
 def _block_scores(q, k, scale):
   return jnp.einsum('BNtA,BNsA->BNts', q, k, preferred_element_type=jnp.float32) * scale
 
@@ -197,9 +204,10 @@ def _blockwise_forward(q, k, v, q_positions, k_positions, q_segments, k_segments
     q_i, position_i, segment_i = query  # [B, N, t, A], [B, t], [B, t]
 
     def key_block(carry, key):
-      peak, total, acc = carry  # [B, N, t, 1], [B, N, t, 1], [B, N, t, U] float32
       k_j, v_j, position_j, segment_j, valid_j = key
-      mask = _block_mask(position_i, segment_i, position_j, segment_j, valid_j)
+      carry, mask_inputs = _tied(carry, (position_i, segment_i, position_j, segment_j, valid_j))
+      peak, total, acc = carry  # [B, N, t, 1], [B, N, t, 1], [B, N, t, U] float32
+      mask = _block_mask(*mask_inputs)
       scores = jnp.where(mask, _block_scores(q_i, k_j, scale), -jnp.inf)
       new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1, keepdims=True))
       shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)
@@ -243,9 +251,10 @@ def _blockwise_bwd(scale, block_q, block_k, residuals, d_out):
     k_j, v_j, position_j, segment_j, valid_j = key
 
     def query_block(carry, query):
-      d_k, d_v = carry  # [B, N, s, A], [B, N, s, U] float32
       (q_i, d_out_i, lse_i, row_i, position_i, segment_i), d_q_i = query
-      mask = _block_mask(position_i, segment_i, position_j, segment_j, valid_j)
+      carry, mask_inputs = _tied(carry, (position_i, segment_i, position_j, segment_j, valid_j))
+      d_k, d_v = carry  # [B, N, s, A], [B, N, s, U] float32
+      mask = _block_mask(*mask_inputs)
       probs = jnp.where(mask, jnp.exp(_block_scores(q_i, k_j, scale) - lse_i), 0.0)
       d_v += jnp.einsum('BNts,BNtU->BNsU', probs.astype(dt), d_out_i,
                         preferred_element_type=jnp.float32)
