@@ -39,6 +39,9 @@ class ModelOutput:
   seq_balance_loss: jax.Array  # [L_moe] float32, eqs. 17-20 per MoE layer, without alpha
   expert_ids: jax.Array | None = None  # [L_moe, B, T, K] int32, each token's routed experts
   cache: Any = None            # the updated cache when one was given
+  # With head=False (logits and mtp_logits None): the output head's inputs [1 + P, B, T, D],
+  # the final-normed hidden states of the main model, then of each MTP depth.
+  head_inputs: jax.Array | None = None
 
 
 class MTPOutput(NamedTuple):
@@ -46,6 +49,7 @@ class MTPOutput(NamedTuple):
   hidden: jax.Array            # [B, T, D] h^k, the next depth's input
   stats: MoEStats | None
   cache: Cache | None          # the module's one-layer cache, updated, when one was given
+  normed: jax.Array | None = None  # [B, T, D] the head's input; logits are None with head=False
 
 
 class DeepSeekV3(nnx.Module):
@@ -72,9 +76,11 @@ class DeepSeekV3(nnx.Module):
     return linear.linear(normed_hidden, self.head[...], out_dtype=jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
+               segment_ids: jax.Array | None = None, cache: Cache | None = None,
+               head: bool = True) -> ModelOutput:
     """tokens [B, T] int -> ModelOutput. positions default to 0..T-1, or with a cache to
-    cache.lengths[b] + t."""
+    cache.lengths[b] + t. head=False stops before the output head: `head_inputs` instead of
+    logits, for a loss that applies the head in chunks (train/loss.py)."""
     B, T = tokens.shape
     if positions is None:
       positions = _default_positions(B, T, cache)
@@ -92,7 +98,8 @@ class DeepSeekV3(nnx.Module):
         stats.append(None if layer_stats is None else _one_layer(layer_stats))
         layers.append(layer)
     hidden = x
-    logits = self.logits(self.norm(x))
+    normed = [self.norm(x)]
+    logits = self.logits(normed[0]) if head else None
     mtp_logits = []
     h = hidden
     depths = range(1, len(self.mtp) + 1) if cache is None else ()  # drafting: `mtp_forward`
@@ -100,16 +107,18 @@ class DeepSeekV3(nnx.Module):
       # Token t_{i+k} for position i; the last k positions have no such token and see padding
       # (their MTP targets do not exist either, so the loss masks them).
       next_tokens = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
-      mtp = self.mtp_forward(k, h, next_tokens, positions, segment_ids)
+      mtp = self.mtp_forward(k, h, next_tokens, positions, segment_ids, head=head)
       h = mtp.hidden
       mtp_logits.append(mtp.logits)
+      normed.append(mtp.normed)
       stats.append(None if mtp.stats is None else _one_layer(mtp.stats))
     moe_stats = [s for s in stats if s is not None]
     E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+    V = self.cfg.vocab_size
     return ModelOutput(
         logits=logits,
-        mtp_logits=(jnp.stack(mtp_logits) if mtp_logits
-                    else jnp.zeros((0,) + logits.shape, jnp.float32)),
+        mtp_logits=(None if not head else jnp.stack(mtp_logits) if mtp_logits
+                    else jnp.zeros((0, B, T, V), jnp.float32)),
         hidden=hidden,
         expert_load=(jnp.concatenate([s.expert_load for s in moe_stats]) if moe_stats
                      else jnp.zeros((0, E), jnp.int32)),
@@ -118,6 +127,7 @@ class DeepSeekV3(nnx.Module):
         expert_ids=(jnp.concatenate([s.experts for s in moe_stats]) if moe_stats
                     else jnp.zeros((0, B, T, K), jnp.int32)),
         cache=None if cache is None else cache.with_layers(layers),
+        head_inputs=None if head else jnp.stack(normed),
     )
 
   def block(self, i: int) -> Block:
@@ -136,17 +146,17 @@ class DeepSeekV3(nnx.Module):
 
   def mtp_forward(self, depth: int, h_prev: jax.Array, next_tokens: jax.Array,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  cache: Cache | None = None) -> MTPOutput:
+                  cache: Cache | None = None, head: bool = True) -> MTPOutput:
     """MTP module `depth` (1-based, V3 §2.2): h_prev [B, T, D] is h^{depth-1}_i, next_tokens [B, T]
     is t_{i+depth}. Positions default as in `__call__`; `cache` is the module's own one-layer
-    cache when drafting."""
+    cache when drafting; head=False leaves the logits None (`normed` is the head's input)."""
     module = self.mtp[depth - 1]
     if positions is None:
       positions = _default_positions(*h_prev.shape[:2], cache)
     h, normed, stats, layer = module(h_prev, self.embed_tokens(next_tokens), positions,
                                      segment_ids, None if cache is None else cache.layer(0))
-    return MTPOutput(self.logits(normed), h, stats,
-                     None if cache is None else cache.with_layers([layer]))
+    return MTPOutput(self.logits(normed) if head else None, h, stats,
+                     None if cache is None else cache.with_layers([layer]), normed)
 
 
 def layer_groups(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:

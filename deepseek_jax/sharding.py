@@ -106,8 +106,9 @@ def logical_spec(axes: Sequence[str | None], table) -> PartitionSpec:
 # ---- checks ----------------------------------------------------------------------------------
 
 def check_mesh(mesh: Mesh, batch_size: int, n_routed_experts: int, n_group: int,
-               fsdp_dim: int | None = None) -> None:
-  """Errors (naming the sizes) for a batch, a MoE or (with FSDP) a model dimension `fsdp_dim`
+               fsdp_dims: dict[str, int | None] | None = None) -> None:
+  """Errors (naming the sizes) for a batch, a MoE or (with FSDP) a dimension FSDP splits over
+  data (`fsdp_dims`: model field -> size, e.g. {'hidden_size': 7168, 'q_lora_rank': 1536})
   that cannot be laid out on `mesh`."""
   data, expert, plane = (mesh.shape[name] for name in AXES)
   sizes = f'mesh data={data} x expert={expert} x plane={plane}'
@@ -120,9 +121,16 @@ def check_mesh(mesh: Mesh, batch_size: int, n_routed_experts: int, n_group: int,
   if n_group % expert:
     raise ValueError(f'model.n_group={n_group} must divide by mesh expert={expert}: expert '
                      'groups map onto the nodes of the expert axis')
-  if fsdp_dim is not None and fsdp_dim % data:
-    raise ValueError(f'model.hidden_size={fsdp_dim} must divide by mesh data={data} (fsdp '
-                     'splits it over data)')
+  for field, size in (fsdp_dims or {}).items():
+    if size is not None and size % data:
+      raise ValueError(f'model.{field}={size} must divide by mesh data={data} (fsdp splits it '
+                       'over data)')
+
+
+def fsdp_dims(cfg) -> dict[str, int | None]:
+  """The model dimensions `rules(fsdp=True)` splits over data: `embed`, `q_latent`, `kv_latent`."""
+  return {'hidden_size': cfg.hidden_size, 'q_lora_rank': cfg.q_lora_rank,
+          'kv_lora_rank': cfg.kv_lora_rank}
 
 
 # ---- shardings of the train state ------------------------------------------------------------

@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 16 experts in 8 groups: expert x plane up to 8 divides the experts, expert up to 8 the groups.
 MODEL = dict(vocab_size=256, hidden_size=32, num_layers=2, first_k_dense=1, num_heads=2,
              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16,
-             kv_lora_rank=12, intermediate_size=48, moe_intermediate_size=16,
+             kv_lora_rank=16, intermediate_size=48, moe_intermediate_size=16,
              n_routed_experts=16, num_experts_per_tok=2, n_group=8, topk_group=2, mtp_depth=0,
              dtype='float32')
 # min_lr_ratio 1: a constant rate after warm-up, so a run of 20 steps is the start of one of 22.
@@ -247,6 +247,9 @@ def test_fsdp_splits_embed_over_data_and_init_equals_eager(setup):
   assert {s.data.shape for s in embed.addressable_shards} == {(256, 4)}
   w_gate = state['tree']['params']['layers'][1]['ffn']['w_gate'][...]  # (expert, embed, mlp)
   assert {s.data.shape for s in w_gate.addressable_shards} == {(16, 4, 16)}
+  # MLA's up-projections have no `embed` dimension: FSDP splits their latent one.
+  w_uk = state['tree']['params']['layers'][1]['attn']['w_uk'][...]  # [C=16, N, H]
+  assert {s.data.shape[0] for s in w_uk.addressable_shards} == {2}
   # Created in place on the mesh, with the values of an eager creation on one device.
   for got, want in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(setup.initial)):
     np.testing.assert_array_equal(got, want)
@@ -263,6 +266,8 @@ def test_fsdp_splits_embed_over_data_and_init_equals_eager(setup):
      r'data=4 x expert=2 x plane=2 = 16 devices, but only 8 are available'),
     (dict(data=-1, expert=1, plane=1, fsdp=True), dict(model=dict(hidden_size=36)),
      r'hidden_size=36 must divide by mesh data=8'),
+    (dict(data=-1, expert=1, plane=1, fsdp=True), dict(model=dict(kv_lora_rank=12)),
+     r'kv_lora_rank=12 must divide by mesh data=8'),
 ])
 def test_bad_layouts_name_the_sizes(mesh, change, message, corpus):
   config = small_config(corpus)

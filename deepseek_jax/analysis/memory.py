@@ -61,7 +61,7 @@ def per_device(cfg: ModelConfig, mesh: tuple[int, int, int], fsdp: bool,
   # the loop's layout checks (groups onto nodes, experts over expert x plane, FSDP's split),
   # with the smallest batch the mesh takes
   sharding.check_mesh(abstract_mesh, math.prod(mesh), cfg.n_routed_experts, cfg.n_group,
-                      cfg.hidden_size if fsdp else None)
+                      sharding.fsdp_dims(cfg) if fsdp else None)
   shardings = sharding.train_state_shardings(state, abstract_mesh, sharding.rules(fsdp))
   params = _shard_bytes(state['tree'], shardings['tree'])
   optimizer = _shard_bytes(state['opt'], shardings['opt'])

@@ -56,6 +56,11 @@ class TrainConfig:
   mtp_weight: float = 0.3              # lambda of eq. 25
   mtp_weight_late: float = 0.1
   mtp_weight_switch_step: int = -1     # step from which mtp_weight_late applies; -1: constant
+  # Positions per chunk of the output head + cross-entropy in the train step (train/loss.py); 0:
+  # all at once. A chunk's [B, chunk, V] logits are computed again in the backward pass, so the
+  # [B, T, V] ones are never held: DeepSeek-V3 at 8 x 4,096 tokens per device has 16.9 GB of
+  # float32 logits per head (main and each MTP depth), and as much again for their gradient.
+  loss_chunk: int = 0
 
   def __post_init__(self):
     _validate_train(self)
@@ -177,6 +182,8 @@ def _validate_train(c: TrainConfig) -> None:
                'eval_batches', 'keep_checkpoints'):
     if not _is_int(getattr(c, name)) or getattr(c, name) <= 0:
       fail(name, 'must be a positive integer')
+  if not _is_int(c.loss_chunk) or c.loss_chunk < 0:
+    fail('loss_chunk', 'must be a non-negative integer (0: the whole sequence at once)')
   if not _is_int(c.sample_tokens) or c.sample_tokens < 0:
     fail('sample_tokens', 'must be a non-negative integer')
   if not isinstance(c.sample_prompt, str):

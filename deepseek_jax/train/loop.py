@@ -143,7 +143,7 @@ def build_mesh(mesh_cfg: MeshConfig, cfg: ModelConfig, batch_size: int,
   for ahead-of-time compilation) and rules table, checked against the model and the batch."""
   mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.plane, devices)
   sharding.check_mesh(mesh, batch_size, cfg.n_routed_experts, cfg.n_group,
-                      cfg.hidden_size if mesh_cfg.fsdp else None)
+                      sharding.fsdp_dims(cfg) if mesh_cfg.fsdp else None)
   return mesh, sharding.rules(mesh_cfg.fsdp)
 
 

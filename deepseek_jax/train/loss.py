@@ -10,6 +10,8 @@ the number of positions that have a target, which the padding mask needs anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,29 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   mask = mask.astype(bool)
   nll = jnp.where(mask, log_z - target_logit, 0.0)  # masked ids may be padding (-1)
   return jnp.sum(nll), jnp.sum(mask.astype(jnp.float32))
+
+
+def chunked_cross_entropy(head_input: jax.Array, head: Callable[[jax.Array], jax.Array],
+                          targets: jax.Array, mask: jax.Array,
+                          chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy(head(head_input), targets, mask)` for head_input [B, T, D], `chunk` positions
+  at a time: each chunk's [B, chunk, V] logits live only inside it, and the backward pass makes
+  them again (`jax.checkpoint`). T is padded to whole chunks, the padding masked."""
+  B, T, _ = head_input.shape
+  pad = -T % chunk
+
+  def chunks(x):  # [B, T, ...] -> [T / chunk, B, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((B, -1, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(args):
+    x, t, m = args
+    return cross_entropy(head(x), t, m)
+
+  sums, counts = jax.lax.map(one, (chunks(head_input), chunks(targets),
+                                   chunks(mask.astype(jnp.float32))))
+  return jnp.sum(sums), jnp.sum(counts)
 
 
 def shift_left(x: jax.Array, k: int) -> jax.Array:
@@ -52,19 +77,31 @@ def max_violation(expert_load: jax.Array) -> jax.Array:
 
 
 def total_loss(output: ModelOutput, targets: jax.Array, mask: jax.Array, step: jax.Array | int,
-               train: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+               train: TrainConfig, head: Callable[[jax.Array], jax.Array] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The scalar training loss and a flat dict of float32 scalar metrics.
 
   targets [B, T] are the next tokens (targets[:, i] = token i+1), mask [B, T] marks real ones.
+  An output of `model(..., head=False)` has `head_inputs` instead of logits: `head` (the model's
+  `logits`) is then applied `train.loss_chunk` positions at a time.
   """
-  ce_sum, tokens = cross_entropy(output.logits, targets, mask)
+  if output.logits is None:
+    def entropy(depth, targets, mask):  # depth 0: the main head
+      return chunked_cross_entropy(output.head_inputs[depth], head, targets, mask,
+                                   train.loss_chunk)
+    depths = output.head_inputs.shape[0] - 1
+  else:
+    def entropy(depth, targets, mask):
+      return cross_entropy(output.mtp_logits[depth - 1] if depth else output.logits, targets,
+                           mask)
+    depths = output.mtp_logits.shape[0]
+  ce_sum, tokens = entropy(0, targets, mask)
   ce = ce_sum / jnp.maximum(tokens, 1.0)
 
   depth_losses = []
-  for k in range(1, output.mtp_logits.shape[0] + 1):
+  for k in range(1, depths + 1):
     # Depth k at position i predicts token i+k+1 = targets[:, i+k]; the shift pads with mask 0.
-    k_sum, k_count = cross_entropy(output.mtp_logits[k - 1], shift_left(targets, k),
-                                   shift_left(mask.astype(jnp.float32), k))
+    k_sum, k_count = entropy(k, shift_left(targets, k), shift_left(mask.astype(jnp.float32), k))
     depth_losses.append(k_sum / jnp.maximum(k_count, 1.0))
   mtp = jnp.mean(jnp.stack(depth_losses)) if depth_losses else jnp.float32(0.0)
 

@@ -56,8 +56,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, rest: nnx.State, train: TrainConfig, 
   def loss_fn(params):
     model = model_lib.merge_trainable(graphdef, {'params': params,
                                                'router_bias': tree['router_bias']}, rest)
-    output = model(batch['inputs'])
-    loss, metrics = loss_lib.total_loss(output, batch['targets'], mask, step, train)
+    output = model(batch['inputs'], head=not train.loss_chunk)  # the loss applies the head
+    loss, metrics = loss_lib.total_loss(output, batch['targets'], mask, step, train, model.logits)
     return loss, (metrics, output.expert_load)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(tree['params'])

@@ -43,4 +43,6 @@ def get_config():
       moe_matmul='auto',
   ))
   config.train.seq_len = 4096
+  # The output head and cross-entropy 512 positions at a time (train/config.py, loss_chunk).
+  config.train.loss_chunk = 512
   return config

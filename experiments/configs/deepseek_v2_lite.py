@@ -5,7 +5,7 @@ from experiments.configs import common
 
 
 def get_config():
-  return common.base_config(dict(
+  config = common.base_config(dict(
       vocab_size=102_400,
       hidden_size=2048,
       num_layers=27,
@@ -41,3 +41,6 @@ def get_config():
       dtype='bfloat16',
       moe_matmul='auto',
   ))
+  # The output head and cross-entropy 512 positions at a time (train/config.py, loss_chunk).
+  config.train.loss_chunk = 512
+  return config

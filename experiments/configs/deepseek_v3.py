@@ -44,4 +44,6 @@ def get_config():
   config.train.seq_len = 4096
   config.train.batch_size = 15_360  # sequences per step at the end of the batch-size ramp
   config.train.learning_rate = 2.2e-4
+  # The output head and cross-entropy 512 positions at a time (train/config.py, loss_chunk).
+  config.train.loss_chunk = 512
   return config
