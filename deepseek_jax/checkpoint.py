@@ -61,12 +61,13 @@ class Checkpoints:
     saved_meta = self.read_meta(step)
     mismatch = _differences(saved_meta.get('model', {}), meta.get('model', {}))
     if mismatch:
-      layout = ('. The layouts differ: its decoder layers are '
-                + ('stacked' if saved_meta['model'].get('scan_layers') else 'one module each')
-                + f', so run with --config.model.scan_layers='
-                + f'{bool(saved_meta["model"].get("scan_layers"))} (model.stack_layers and '
-                'model.unstack_layers convert a restored model)'
-                if any(m.startswith('model.scan_layers:') for m in mismatch) else '')
+      layout = ''
+      if any(m.startswith('model.scan_layers:') for m in mismatch):
+        stacked = bool(saved_meta['model'].get('scan_layers'))
+        layout = ('. The layouts differ: its decoder layers are '
+                  f'{"stacked" if stacked else "one module each"}, so run with '
+                  f'--config.model.scan_layers={stacked} (model.stack_layers and '
+                  'model.unstack_layers convert a restored model)')
       raise ValueError(f'checkpoint {where} was written by a different model config: '
                        + '; '.join(mismatch) + layout
                        + '. Use another --workdir or the same config.')

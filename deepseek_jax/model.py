@@ -14,6 +14,7 @@ jit boundary use `nnx.split` and `apply(graphdef, state, tokens)`, a pure functi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -59,9 +60,9 @@ class DeepSeekV3(nnx.Module):
     self.cfg = cfg
     self.embed = param.normal(rngs, (V, D), ('vocab', 'embed'), cfg.init_std)
     if cfg.scan_layers:  # two stacks, each of its layers' parameters along a leading axis
-      (_, dense), (_, moe) = layer_groups(cfg)
-      self.dense_layers = _stacked_blocks(cfg, 0, dense, rngs) if dense else None
-      self.moe_layers = _stacked_blocks(cfg, cfg.first_k_dense, moe, rngs) if moe else None
+      (dense_first, dense), (moe_first, moe) = layer_groups(cfg)
+      self.dense_layers = _stacked_blocks(cfg, dense_first, dense, rngs) if dense else None
+      self.moe_layers = _stacked_blocks(cfg, moe_first, moe, rngs) if moe else None
     else:
       self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -138,9 +139,8 @@ class DeepSeekV3(nnx.Module):
       raise IndexError(f'layer {i}: the model has {self.cfg.num_layers} decoder layers')
     if not self.cfg.scan_layers:
       return self.layers[i]
-    stack, index = ((self.dense_layers, i) if i < self.cfg.first_k_dense
-                    else (self.moe_layers, i - self.cfg.first_k_dense))
-    graphdef, state = nnx.split(stack)
+    (name,), index = layer_location(self.cfg, i)
+    graphdef, state = nnx.split(getattr(self, name))
     return nnx.merge(graphdef, jax.tree.map(lambda v: _layer_of(v, index), state,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
@@ -199,6 +199,7 @@ class _CountingRngs:
     return jax.random.key(0)
 
 
+@functools.lru_cache(maxsize=16)  # every create / abstract would trace a block again
 def _draws_per_block(cfg: ModelConfig, layer: int) -> int:
   counter = _CountingRngs()
   with nnx.use_eager_sharding(False):

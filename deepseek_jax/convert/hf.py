@@ -371,9 +371,10 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
         prefix, index = model_lib.layer_location(cfg, target[1])
         path = prefix + target[2:]
       shape = leaves[path].get_value().shape
-      if value.shape != (shape if index is None else shape[1:]):  # a plan bug, not the file's
+      expected = shape if index is None else shape[1:]
+      if value.shape != expected:  # a plan bug, not the checkpoint's
         raise ValueError(f'{target}: {value.shape} from {list(rule.sources)[:3]}, model expects '
-                         f'{shape if index is None else shape[1:]}')
+                         f'{expected}')
       value = np.ascontiguousarray(value, np.float32)
       if index is None:
         place(path, value)
