@@ -40,6 +40,7 @@ def test_unknown_field_is_named(kind):
     ('bf16_moments', 'yes', 'True, False or None'),
     ('bias_gamma_switch_step', -2, '-1 (no switch)'), ('mtp_weight_switch_step', 3.0, '-1'),
     ('warmup_steps', 1000, 'steps=1000'), ('warmup_steps', -1, '[0, steps=1000)'),
+    ('loss_chunk', -1, 'non-negative integer'), ('loss_chunk', 512.0, 'non-negative integer'),
 ])
 def test_bad_train_value_names_field_and_value(field, value, why):
   assert_fails(TrainConfig, {field: value}, field, why)
