@@ -3,8 +3,10 @@
 HF keeps `nn.Linear` weights as [out, in] with the heads fused into `out`; we keep einsum layouts
 [in, ..., out] with heads as their own axis. `tensor_plan` lists, for every tensor of a checkpoint,
 where it goes and how it is reshaped; `load_pretrained` checks the whole plan against the file
-headers (missing, unknown, wrong shape) before it reads a byte, then fills the abstract model one
-tensor at a time, dequantizing FP8 weights (128x128 `weight_scale_inv` blocks) on the way.
+headers (missing, unknown, wrong shape) before it reads a byte, then creates each parameter with
+its sharding from the blocks this process's devices hold, reading from the memory-mapped files
+only those blocks (`jax.make_array_from_single_device_arrays`), dequantizing FP8 weights (128x128
+`weight_scale_inv` blocks) on the way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import typing
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from deepseek_jax import model as model_lib
@@ -160,6 +163,9 @@ Path = tuple  # a leaf path of the split model state, e.g. ('layers', 3, 'attn',
 
 
 class Rule(typing.NamedTuple):
+  """Sources -> targets. A target path ending in an int j is row j of that parameter (routed
+  experts: one rule per expert). `convert` gets memory-mapped (lazy) arrays and should return
+  views: the loader reads only the slices of them that its devices hold."""
   sources: dict[str, tuple[int, ...]]  # HF tensor name -> expected shape
   targets: tuple[Path, ...]
   convert: typing.Callable[..., tuple[np.ndarray, ...]]  # sources in order -> targets in order
@@ -217,21 +223,22 @@ def _moe(cfg: ModelConfig, hf: str, ours: Path, names: set[str]) -> list[Rule]:
   rules = [_linear(f'{hf}.gate.weight', E, D, ours + ('router_kernel',))]
   if cfg.use_router_bias:
     rules.append(_as_is(f'{hf}.gate.e_score_correction_bias', (E,), ours + ('router_bias',)))
+  # One rule per expert, each filling row j of the three [E, ...] tensors, so that a process
+  # reads only the experts its devices hold.
   if f'{hf}.experts.gate_up_proj' in names:
-    # transformers >= 5 fused layout: gate_up [E, 2F, D] (gate rows, then up), down [E, D, F]
-    rules.append(Rule({f'{hf}.experts.gate_up_proj': (E, 2 * F, D),
-                       f'{hf}.experts.down_proj': (E, D, F)}, experts,
-                      lambda gate_up, down: (gate_up[:, :F].transpose(0, 2, 1),
-                                             gate_up[:, F:].transpose(0, 2, 1),
-                                             down.transpose(0, 2, 1))))
-  else:  # one nn.Linear per expert, as released and as save_pretrained writes
-    sources = {}
+    # transformers >= 5 fused layout: gate_up [E, 2F, D] (gate rows, then up), down [E, D, F];
+    # the sources are memory-mapped, so taking row j reads only expert j's bytes
+    sources = {f'{hf}.experts.gate_up_proj': (E, 2 * F, D), f'{hf}.experts.down_proj': (E, D, F)}
     for j in range(E):
-      sources.update({f'{hf}.experts.{j}.gate_proj.weight': (F, D),
-                      f'{hf}.experts.{j}.up_proj.weight': (F, D),
-                      f'{hf}.experts.{j}.down_proj.weight': (D, F)})
-    rules.append(Rule(sources, experts, lambda *w: tuple(
-        np.stack([x.T for x in w[part::3]]) for part in range(3))))
+      rules.append(Rule(sources, tuple(t + (j,) for t in experts),
+                        lambda gate_up, down, j=j: (gate_up[j, :F].T, gate_up[j, F:].T,
+                                                    down[j].T)))
+  else:  # one nn.Linear per expert, as released and as save_pretrained writes
+    for j in range(E):
+      rules.append(Rule({f'{hf}.experts.{j}.gate_proj.weight': (F, D),
+                         f'{hf}.experts.{j}.up_proj.weight': (F, D),
+                         f'{hf}.experts.{j}.down_proj.weight': (D, F)},
+                        tuple(t + (j,) for t in experts), lambda *w: tuple(x.T for x in w)))
   if cfg.n_shared_experts:
     rules += _swiglu(f'{hf}.shared_experts', ours + ('shared_experts',), D,
                      F * cfg.n_shared_experts)
@@ -318,13 +325,6 @@ def _check(ckpt: safetensors_io.Checkpoint, rules: list[Rule], copies: dict,
                        f'{ckpt.shape(scale)}, expected {scale_shape(shape, block)}')
 
 
-def _read(ckpt: safetensors_io.Checkpoint, name: str, block: tuple[int, int]) -> np.ndarray:
-  w = ckpt.get(name)
-  if w.dtype == FP8:
-    return dequantize(w, ckpt.get(name + SCALE_SUFFIX), block, name)
-  return np.asarray(w, np.float32)
-
-
 def mtp_layers_in(names: set[str], num_layers: int) -> int:
   """MTP depth present in a checkpoint: layers numbered num_layers, num_layers + 1, ..."""
   indices = {int(m.group(1)) for n in names if (m := re.match(r'model\.layers\.(\d+)\.', n))}
@@ -332,11 +332,93 @@ def mtp_layers_in(names: set[str], num_layers: int) -> int:
   return max(extra) - num_layers + 1 if extra else 0  # gaps show up as missing tensors
 
 
+class _Piece(typing.NamedTuple):
+  """One rule's k-th output, which fills `lead` (layer index in a stack, expert row, or both,
+  in that order; () for a whole parameter) of a parameter."""
+  lead: tuple[int, ...]
+  rule: Rule
+  k: int
+
+
+class _Sources:
+  """The checkpoint's tensors as the rules' `convert` sees them: memory maps, except FP8
+  weights, which are dequantized whole (one tensor at a time; the last few are kept, since
+  every local shard of a split parameter reads the same one)."""
+
+  def __init__(self, ckpt: safetensors_io.Checkpoint, block: tuple[int, int], keep: int = 2):
+    self.ckpt, self.block, self.keep = ckpt, block, keep
+    self._dequantized: dict[str, np.ndarray] = {}
+
+  def __call__(self, name: str) -> np.ndarray:
+    w = self.ckpt.get(name)
+    if w.dtype != FP8:
+      return w
+    if name not in self._dequantized:
+      if len(self._dequantized) >= self.keep:
+        self._dequantized.pop(next(iter(self._dequantized)))
+      self._dequantized[name] = dequantize(w, self.ckpt.get(name + SCALE_SUFFIX), self.block, name)
+    return self._dequantized[name]
+
+
+def _pieces(cfg: ModelConfig, plan: list[Rule],
+            leaves: dict[Path, typing.Any]) -> dict[Path, list[_Piece]]:
+  """Every parameter's pieces; raises naming a plan target the model lacks or a parameter no
+  rule fills (bugs of the plan, not of the checkpoint), before anything is read."""
+  pieces: dict[Path, list[_Piece]] = {}
+  for rule in plan:
+    for k, target in enumerate(rule.targets):
+      path, lead = target, ()
+      if isinstance(path[-1], int):  # row j of a routed-expert tensor
+        path, lead = path[:-1], (path[-1],)
+      if path[0] == 'layers':  # the plan names layers one by one; a stack holds them in rows
+        prefix, index = model_lib.layer_location(cfg, path[1])
+        path = prefix + path[2:]
+        lead = lead if index is None else (index,) + lead
+      if path not in leaves:
+        raise ValueError(f'load_pretrained: the plan targets {target}, which the model lacks')
+      pieces.setdefault(path, []).append(_Piece(lead, rule, k))
+  unfilled = sorted(set(leaves) - set(pieces), key=str)
+  if unfilled:
+    raise ValueError(f'load_pretrained: no checkpoint tensor fills {unfilled[:8]}')
+  return pieces
+
+
+def _fill(path: Path, shape: tuple[int, ...], dtype, bounds: tuple[tuple[int, int], ...],
+          pieces: list[_Piece], sources: _Sources) -> np.ndarray:
+  """The block `bounds` ([start, stop) per dimension) of parameter `path`, read from only the
+  pieces, and the parts of them, that it covers."""
+  out = np.empty([stop - start for start, stop in bounds], dtype)
+  covered = 0
+  for piece in pieces:
+    n = len(piece.lead)
+    if not all(start <= i < stop for i, (start, stop) in zip(piece.lead, bounds)):
+      continue
+    value = piece.rule.convert(*[sources(name) for name in piece.rule.sources])[piece.k]
+    if value.shape != shape[n:]:  # a plan bug, not the checkpoint's
+      raise ValueError(f'{path}{list(piece.lead)}: {value.shape} from '
+                       f'{list(piece.rule.sources)[:3]}, model expects {shape[n:]}')
+    rest = tuple(slice(start, stop) for start, stop in bounds[n:])
+    out[tuple(i - start for i, (start, _) in zip(piece.lead, bounds))] = value[rest]
+    covered += 1
+  if covered != math.prod(stop - start for start, stop in bounds[:len(pieces[0].lead)]):
+    raise ValueError(f'load_pretrained: {path} block {bounds} is not filled exactly once')
+  return out
+
+
 def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
-                    scan_layers: bool = True) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
-  """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (float32 params, FP8 or not),
-  without initialising the model; with `mesh`, each parameter lands with its sharding. The
-  decoder layers come stacked (`ModelConfig.scan_layers`) unless `scan_layers=False`."""
+                    scan_layers: bool = True, param_dtype=jnp.float32,
+                    progress: bool = False) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
+  """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (FP8 or not), without
+  initialising the model.
+
+  Every parameter is created with its sharding (`rules` over `mesh`; one device without a mesh)
+  from the blocks its addressable devices hold, each block read from the memory-mapped files
+  alone: a process reads only its own slices (its own experts' tensors, where experts are split)
+  and holds, besides what it ends up with, one block and one dequantized FP8 tensor or two.
+  Floating parameters become `param_dtype` (float32 to train, bfloat16 to serve); router biases
+  stay float32. The decoder layers come stacked (`ModelConfig.scan_layers`) unless
+  `scan_layers=False`. `progress` shows a bar over the parameters' bytes.
+  """
   directory = pathlib.Path(path)
   if not (directory / 'config.json').is_file():
     raise FileNotFoundError(f'load_pretrained: {directory / "config.json"} not found '
@@ -352,39 +434,33 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
 
   graphdef, state = nnx.split(model_lib.abstract(cfg))
   leaves = dict(nnx.to_flat_state(state))
+  pieces = _pieces(cfg, plan, leaves)
   if mesh is not None:
     with nnx.logical_axis_rules(rules or ()):
-      shardings = dict(nnx.to_flat_state(nnx.get_named_sharding(state, mesh)))
-  filled, stacks = {}, {}  # stacks: leaf path -> (host buffer, layers written so far)
-
-  def place(path, value):
-    array = (jnp.asarray(value) if mesh is None
-             else jax.device_put(value, shardings[path].get_value()))
-    filled[path] = leaves[path].replace(array)
-
-  for rule in plan:
-    values = rule.convert(*[_read(ckpt, name, block) for name in rule.sources])
-    for target, value in zip(rule.targets, values):
-      # The plan names layers one by one; stacked layers fill slice `index` of their stack.
-      path, index = target, None
-      if target[0] == 'layers':
-        prefix, index = model_lib.layer_location(cfg, target[1])
-        path = prefix + target[2:]
-      shape = leaves[path].get_value().shape
-      expected = shape if index is None else shape[1:]
-      if value.shape != expected:  # a plan bug, not the checkpoint's
-        raise ValueError(f'{target}: {value.shape} from {list(rule.sources)[:3]}, model expects '
-                         f'{expected}')
-      value = np.ascontiguousarray(value, np.float32)
-      if index is None:
-        place(path, value)
-        continue
-      buffer, written = stacks.setdefault(path, (np.empty(shape, np.float32), set()))
-      buffer[index] = value
-      written.add(index)
-      if len(written) == shape[0]:
-        place(path, stacks.pop(path)[0])
-  unfilled = sorted(set(leaves) - set(filled), key=str)
-  if unfilled:
-    raise ValueError(f'load_pretrained: no checkpoint tensor fills {unfilled[:8]}')
+      shardings = {p: s.get_value() for p, s in
+                   nnx.to_flat_state(nnx.get_named_sharding(state, mesh))}
+  else:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = {p: one for p in leaves}
+  sources = _Sources(ckpt, block)
+  dtypes = {p: (jnp.dtype(param_dtype)
+                if isinstance(v, nnx.Param) and jnp.issubdtype(v.get_value().dtype, jnp.floating)
+                else v.get_value().dtype) for p, v in leaves.items()}
+  total = sum(math.prod(v.get_value().shape) * dtypes[p].itemsize for p, v in leaves.items())
+  bar = tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='load_pretrained',
+                  disable=not progress)
+  filled = {}
+  for path, variable in leaves.items():
+    shape, sharding = variable.get_value().shape, shardings[path]
+    blocks, arrays = {}, []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+      bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+      if bounds not in blocks:  # replicas of a block are read once
+        blocks[bounds] = _fill(path, shape, dtypes[path], bounds, pieces[path], sources)
+      arrays.append(jax.device_put(blocks[bounds], device))
+    del blocks
+    filled[path] = variable.replace(
+        jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+    bar.update(math.prod(shape) * dtypes[path].itemsize)
+  bar.close()
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(filled))
