@@ -24,6 +24,7 @@ import tqdm
 from flax import nnx
 
 from deepseek_jax import model as model_lib
+from deepseek_jax import sharding as sharding_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.convert import safetensors_io
 from deepseek_jax.layers import rope
@@ -325,6 +326,21 @@ def _check(ckpt: safetensors_io.Checkpoint, rules: list[Rule], copies: dict,
                        f'{ckpt.shape(scale)}, expected {scale_shape(shape, block)}')
 
 
+def _fp8_block(quantization: dict | None) -> tuple[int, int]:
+  """The FP8 scale block of a `quantization_config` (DeepSeek's: fp8, e4m3, [128, 128])."""
+  quantization = quantization or {}
+  method = quantization.get('quant_method', 'fp8')
+  if method != 'fp8':
+    _reject('quantization_config.quant_method', method, "only 'fp8' (block-scaled E4M3, as "
+            'DeepSeek-V3 is released) is implemented')
+  if quantization.get('fmt', 'e4m3') != 'e4m3':
+    _reject('quantization_config.fmt', quantization['fmt'], "only 'e4m3' is implemented")
+  block = tuple(quantization.get('weight_block_size') or (128, 128))
+  if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+    _reject('quantization_config.weight_block_size', list(block), 'expected two positive ints')
+  return block
+
+
 def mtp_layers_in(names: set[str], num_layers: int) -> int:
   """MTP depth present in a checkpoint: layers numbered num_layers, num_layers + 1, ..."""
   indices = {int(m.group(1)) for n in names if (m := re.match(r'model\.layers\.(\d+)\.', n))}
@@ -411,10 +427,11 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (FP8 or not), without
   initialising the model.
 
-  Every parameter is created with its sharding (`rules` over `mesh`; one device without a mesh)
-  from the blocks its addressable devices hold, each block read from the memory-mapped files
-  alone: a process reads only its own slices (its own experts' tensors, where experts are split)
-  and holds, besides what it ends up with, one block and one dequantized FP8 tensor or two.
+  Every parameter is created with its sharding (`rules`, by default `sharding.rules()`, over
+  `mesh`; on the first local device without a mesh) from the blocks its addressable devices
+  hold, each block read from the memory-mapped files alone: a process reads only its own slices
+  (its own experts' tensors, where experts are split) and holds, besides what it ends up with,
+  one parameter's blocks and one or two dequantized FP8 tensors.
   Floating parameters become `param_dtype` (float32 to train, bfloat16 to serve); router biases
   stay float32. The decoder layers come stacked (`ModelConfig.scan_layers`) unless
   `scan_layers=False`. `progress` shows a bar over the parameters' bytes.
@@ -428,17 +445,16 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   names = ckpt.names()
   cfg = config_from_hf(hf, mtp_depth=mtp_layers_in(names, hf['num_hidden_layers']))
   cfg = cfg.replace(scan_layers=scan_layers)
-  block = tuple((hf.get('quantization_config') or {}).get('weight_block_size', (128, 128)))
+  block = _fp8_block(hf.get('quantization_config'))
   plan, copies = tensor_plan(cfg, names)
   _check(ckpt, plan, copies, block, str(directory))
 
   graphdef, state = nnx.split(model_lib.abstract(cfg))
   leaves = dict(nnx.to_flat_state(state))
   pieces = _pieces(cfg, plan, leaves)
-  if mesh is not None:
-    with nnx.logical_axis_rules(rules or ()):
-      shardings = {p: s.get_value() for p, s in
-                   nnx.to_flat_state(nnx.get_named_sharding(state, mesh))}
+  if mesh is not None:  # a mesh axis splits at most one dimension of a parameter
+    shardings = {p: s.get_value() for p, s in nnx.to_flat_state(
+        sharding_lib.variable_shardings(state, mesh, rules or sharding_lib.rules()))}
   else:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = {p: one for p in leaves}

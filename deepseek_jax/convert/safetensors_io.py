@@ -83,6 +83,8 @@ class Checkpoint:
       raise FileNotFoundError(f'{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found')
     self._where: dict[str, SafetensorsFile] = {}
     for file_name in files:
+      if not (directory / file_name).is_file():
+        raise FileNotFoundError(f'{index}: lists shard {file_name}, which is not in {directory}')
       shard = SafetensorsFile(directory / file_name)
       for name in shard.keys():
         if name in self._where:
