@@ -3,9 +3,13 @@
   python -m experiments.generate --workdir=runs/tiny --prompt="The " --max_new_tokens=128
                                  [--speculative] [--temperature=0] [--top_k=0] [--top_p=1]
                                  [--mode=absorbed|naive] [--max_len=...] [--seed=0]
+                                 [--mesh=DATA,EXPERT,PLANE [--fsdp]]
 
 Prints each prompt with its continuation, then one line of JSON: tokens_per_s, new_tokens,
 acceptance_rate (null without --speculative), cache_bytes_per_token and the timings.
+With --mesh the weights are read straight onto a (data, expert, plane) mesh of the visible
+devices (experts over expert x plane as in training, every weight over data with --fsdp) and the
+batch and its cache are split over all three axes.
 """
 
 import json
@@ -13,6 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
+from deepseek_jax import sharding
 from deepseek_jax.inference import decode, load, sampling, speculative
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny',
@@ -29,6 +34,22 @@ _MODE = flags.DEFINE_enum('mode', 'absorbed', ['absorbed', 'naive'],
 _MAX_LEN = flags.DEFINE_integer('max_len', None, 'Cache length (default: longest prompt + '
                                 'max_new_tokens).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_MESH = flags.DEFINE_list('mesh', None, 'data,expert,plane: shard the weights over this mesh '
+                          '(-1 for data: the devices left); default one device.')
+_FSDP = flags.DEFINE_bool('fsdp', False, 'With --mesh, also split every weight over data.')
+
+
+def mesh_from_flags():
+  """(mesh, rules) from --mesh / --fsdp; (None, None) without --mesh."""
+  if _MESH.value is None:
+    return None, None
+  if len(_MESH.value) != 3:
+    raise ValueError(f'--mesh={",".join(_MESH.value)}: expected three sizes data,expert,plane')
+  try:
+    data, expert, plane = (int(v) for v in _MESH.value)
+  except ValueError:
+    raise ValueError(f'--mesh={",".join(_MESH.value)}: sizes must be integers') from None
+  return sharding.make_mesh(data, expert, plane), sharding.rules(_FSDP.value)
 
 
 def main(argv):
@@ -36,11 +57,16 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # orbax warns about its read-only manager
   try:
     config = sampling.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    loaded = load.load(_WORKDIR.value)
+    mesh, rules = mesh_from_flags()
+    if mesh is not None and _SPECULATIVE.value:
+      raise ValueError('--speculative runs on one device: drop --mesh')
+    loaded = load.load(_WORKDIR.value, mesh=mesh, rules=rules)
     prompts = [loaded.tokenizer.encode(text) for text in _PROMPT.value]
-    run = speculative.generate if _SPECULATIVE.value else decode.generate
-    result = run(loaded.model, prompts, _MAX_NEW.value, sampling=config, mode=_MODE.value,
-                 max_len=_MAX_LEN.value, seed=_SEED.value)
+    options = dict(sampling=config, mode=_MODE.value, max_len=_MAX_LEN.value, seed=_SEED.value)
+    if _SPECULATIVE.value:
+      result = speculative.generate(loaded.model, prompts, _MAX_NEW.value, **options)
+    else:
+      result = decode.generate(loaded.model, prompts, _MAX_NEW.value, mesh=mesh, **options)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   for text, tokens in zip(_PROMPT.value, result.tokens):
@@ -52,7 +78,8 @@ def main(argv):
       cache_bytes_per_token=result.cache_bytes_per_token,
       draft_cache_bytes_per_token=result.draft_cache_bytes_per_token,
       prefill_s=result.prefill_s, decode_s=result.decode_s, compile_s=result.compile_s,
-      mode=_MODE.value, speculative=_SPECULATIVE.value, checkpoint=loaded.source)))
+      mode=_MODE.value, speculative=_SPECULATIVE.value, checkpoint=loaded.source,
+      mesh=None if mesh is None else dict(mesh.shape))))
 
 
 if __name__ == '__main__':

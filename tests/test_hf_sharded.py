@@ -170,3 +170,19 @@ def test_two_processes_each_read_only_their_own_experts(saved, tmp_path):
     held = set(report['held'])
     assert all(int(n.split('.experts.')[1].split('.')[0]) in held for n in report['opened'])
   assert not set(reports[0]['opened']) & set(reports[1]['opened'])
+
+
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_generation_on_a_mesh_equals_one_device(saved, fsdp):
+  """Greedy decoding with the weights read onto a (1, 2, 4) mesh, three prompts padded to the 8
+  rows the batch axes need, against the plain import on one device, token for token."""
+  from deepseek_jax.inference import decode  # pylint: disable=import-outside-toplevel
+  prompts = [[5, 17, 3], [9, 1, 2, 77, 6], [100]]
+  _, plain = convert.load_pretrained(saved)
+  want = decode.generate(plain, prompts, 6)
+  mesh = sharding.make_mesh(1, 2, 4)
+  _, sharded = convert.load_pretrained(saved, mesh=mesh, rules=sharding.rules(fsdp))
+  got = decode.generate(sharded, prompts, 6, mesh=mesh)
+  assert got.tokens.shape == want.tokens.shape == (3, 6)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.prompt_lengths, [3, 5, 1])

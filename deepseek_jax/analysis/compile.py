@@ -154,14 +154,6 @@ def train_target(config, devices, explicit: Collection[str] = ()) -> Target:
   return Target(jitted, args, mesh, run, per_token * t.batch_size * t.seq_len)
 
 
-def _cache_shardings(cache, mesh):
-  """Every cache array [B, ...] split over the batch axes, as the tokens are."""
-  return jax.tree.map(
-      lambda x: _sds(x.shape, x.dtype,
-                     NamedSharding(mesh, PartitionSpec(sharding.BATCH, *[None] * (x.ndim - 1)))),
-      cache)
-
-
 def inference_target(config, devices, what: str) -> Target:
   """The decoder's jitted prefill (train.seq_len prompt tokens per sequence) or decode step (one
   token), batch train.batch_size, over a latent cache of train.seq_len slots; the model's state
@@ -172,7 +164,8 @@ def inference_target(config, devices, what: str) -> Target:
   mesh, table = loop_lib.build_mesh(run.mesh, cfg, B, devices)
   graphdef, state = nnx.split(model_lib.abstract(cfg))
   state = sharding.with_shardings(state, sharding.variable_shardings(state, mesh, table))
-  cache = _cache_shardings(jax.eval_shape(lambda: cache_lib.init(cfg, B, S)), mesh)
+  cache = jax.eval_shape(lambda: cache_lib.init(cfg, B, S))
+  cache = sharding.with_shardings(cache, cache_lib.shardings(cache, mesh))
   rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH))
   replicated = sharding.replicated(mesh)
   key = jax.eval_shape(lambda: jax.random.key(0))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.kv_cache import (Cache, HeadsMajor, LatentCache, LatentLayer, NaiveCache,
                                           NaiveLayer, slot_positions)
@@ -22,7 +23,7 @@ from kernels import mla_decode
 
 __all__ = ['Cache', 'HeadsMajor', 'LatentCache', 'LatentLayer', 'NaiveCache', 'NaiveLayer',
            'MODES', 'abstract_bytes_per_token', 'bytes_per_token', 'init', 'max_len', 'nbytes',
-           'slot_positions', 'absorbed_weights', 'with_weights']
+           'slot_positions', 'absorbed_weights', 'with_weights', 'shardings']
 
 MODES = ('absorbed', 'naive')  # absorbed: LatentCache + weight absorption; naive: NaiveCache
 
@@ -88,3 +89,10 @@ def absorbed_weights(attns: Sequence[MLA], cfg: ModelConfig) -> tuple[HeadsMajor
 def with_weights(cache: Cache, weights: tuple[HeadsMajor, ...] | None) -> Cache:
   """The cache carrying `weights` (None: carrying none); a `NaiveCache` has no use for them."""
   return cache.replace(weights=weights) if isinstance(cache, LatentCache) else cache
+
+
+def shardings(cache, mesh: jax.sharding.Mesh):
+  """NamedShardings of a cache (arrays or `jax.eval_shape` structs): every array [B, ...] split
+  over the batch axes, as the tokens are."""
+  return jax.tree.map(lambda x: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(sharding.BATCH, *[None] * (x.ndim - 1))), cache)

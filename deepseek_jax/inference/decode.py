@@ -12,6 +12,8 @@ own length.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax import model as model_lib
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.inference import cache as cache_lib
 from deepseek_jax.inference import sampling as sampling_lib
@@ -179,29 +182,58 @@ def compile_timed(jitted, *args):
   return compiled, time.perf_counter() - start
 
 
+def _on_mesh(mesh: jax.sharding.Mesh | None, tokens: np.ndarray, lengths: np.ndarray):
+  """Prompts padded to whole rows per device (copies of the first prompt, dropped afterwards),
+  and the context that places and runs them on `mesh` (nothing without one)."""
+  if mesh is None:
+    return tokens, lengths, contextlib.nullcontext()
+  extra = -len(lengths) % math.prod(mesh.shape[a] for a in sharding.BATCH)
+  tokens = np.concatenate([tokens, np.repeat(tokens[:1], extra, axis=0)])
+  lengths = np.concatenate([lengths, np.repeat(lengths[:1], extra)])
+  return tokens, lengths, jax.set_mesh(mesh)  # the MoE dispatches over the ambient mesh
+
+
 def generate(model: model_lib.DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, sampling: sampling_lib.Sampling = sampling_lib.Sampling(),
-             mode: str = 'absorbed', max_len: int | None = None, seed: int = 0) -> Generation:
-  """Plain decoding: `max_new_tokens` tokens after each prompt (no early stop)."""
+             mode: str = 'absorbed', max_len: int | None = None, seed: int = 0,
+             mesh: jax.sharding.Mesh | None = None) -> Generation:
+  """Plain decoding: `max_new_tokens` tokens after each prompt (no early stop).
+
+  With `mesh`, the model's weights as they are placed (`load.load(..., mesh=...)`), the prompts,
+  their lengths and the cache split over the batch axes (the batch padded to a multiple of
+  data x expert x plane); the MoE runs expert-parallel as in training."""
   tokens, lengths, max_len = pad_prompts(prompts, max_new_tokens, max_len, model.cfg)
-  decoder = Decoder(model, sampling, mode)
   B = len(lengths)
-  cache = decoder.init_cache(B, max_len)
-  key = jax.random.key(seed)
-  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
-  statics = (decoder.graphdef, sampling)
-  run_prefill, prefill_compile = compile_timed(jit_prefill, *statics, decoder.state, tokens,
-                                               lengths, cache, key)
-  run_loop, loop_compile = compile_timed(jit_decode_loop, *statics, max_new_tokens - 1,
-                                         decoder.state, jax.ShapeDtypeStruct((B,), jnp.int32),
-                                         cache, key)
-  start = time.perf_counter()
-  first, _, cache = run_prefill(decoder.state, tokens, lengths, cache, key)
-  first.block_until_ready()
-  prefill_s = time.perf_counter() - start
-  start = time.perf_counter()
-  rest, cache = run_loop(decoder.state, first, cache, key)
-  new = np.asarray(jax.device_get(jnp.concatenate([first[:, None], rest], axis=1)))
-  decode_s = time.perf_counter() - start
-  return Generation(new, np.asarray(lengths), prefill_compile + loop_compile, prefill_s, decode_s,
-                    cache_lib.bytes_per_token(cache), None, None)
+  tokens, lengths, context = _on_mesh(mesh, tokens, lengths)
+  decoder = Decoder(model, sampling, mode)
+  rows = B if mesh is None else len(lengths)
+  with context:
+    make_cache = lambda: decoder.init_cache(rows, max_len)
+    if mesh is None:
+      cache = make_cache()
+      first_spec = jax.ShapeDtypeStruct((rows,), jnp.int32)
+      tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed)
+    else:
+      cache = jax.jit(make_cache, out_shardings=cache_lib.shardings(
+          jax.eval_shape(make_cache), mesh))()
+      split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH))
+      first_spec = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)
+      # every process holds all prompts: each places its devices' rows (one process or several)
+      place = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+      tokens, lengths = place(tokens, sharding.batch_sharding(mesh)), place(lengths, split)
+      key = jax.jit(lambda: jax.random.key(seed), out_shardings=sharding.replicated(mesh))()
+    statics = (decoder.graphdef, sampling)
+    run_prefill, prefill_compile = compile_timed(jit_prefill, *statics, decoder.state, tokens,
+                                                 lengths, cache, key)
+    run_loop, loop_compile = compile_timed(jit_decode_loop, *statics, max_new_tokens - 1,
+                                           decoder.state, first_spec, cache, key)
+    start = time.perf_counter()
+    first, _, cache = run_prefill(decoder.state, tokens, lengths, cache, key)
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rest, cache = run_loop(decoder.state, first, cache, key)
+    new = sharding.to_host(jnp.concatenate([first[:, None], rest], axis=1))
+    decode_s = time.perf_counter() - start
+  return Generation(new[:B], sharding.to_host(lengths)[:B], prefill_compile + loop_compile, prefill_s,
+                    decode_s, cache_lib.bytes_per_token(cache), None, None)

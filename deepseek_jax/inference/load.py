@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax import checkpoint as ckpt_lib
+from deepseek_jax import sharding
 from deepseek_jax.data import tokenizer as tokenizer_lib
 
 
@@ -67,8 +69,11 @@ def tokenizer_in(directory: pathlib.Path, cfg: ModelConfig) -> tokenizer_lib.Tok
   return tokenizer
 
 
-def restore_workdir(workdir: pathlib.Path) -> tuple[ModelConfig, model_lib.DeepSeekV3, str]:
-  """The model of the latest checkpoint in `<workdir>/checkpoints`, on the first device."""
+def restore_workdir(workdir: pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,
+                    ) -> tuple[ModelConfig, model_lib.DeepSeekV3, str]:
+  """The model of the latest checkpoint in `<workdir>/checkpoints`: on the first device, or
+  sharded over `mesh` by `rules` (default `sharding.rules()`), each process reading its own
+  blocks."""
   directory = (workdir / 'checkpoints').absolute()
   checkpoints = ckpt_lib.Checkpoints(directory, read_only=True) if directory.is_dir() else None
   step = checkpoints.latest_step() if checkpoints is not None else None
@@ -81,25 +86,31 @@ def restore_workdir(workdir: pathlib.Path) -> tuple[ModelConfig, model_lib.DeepS
   try:
     cfg = ModelConfig.from_dict(checkpoints.read_meta(step)['model'])
     graphdef, tree, rest = model_lib.split_trainable(model_lib.abstract(cfg))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
-    tree = checkpoints.restore_tree(step, target)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, tree)
+    else:
+      shardings = sharding.variable_shardings(tree, mesh, rules or sharding.rules())
+    tree = checkpoints.restore_tree(step, sharding.with_shardings(tree, shardings))
   finally:
     checkpoints.close()
   model = model_lib.merge_trainable(graphdef, tree, rest)
   return cfg, model, str(directory / str(step))
 
 
-def load(path: str | pathlib.Path) -> Loaded:
-  """A workdir's latest checkpoint, or a Hugging Face `save_pretrained` directory."""
+def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,
+         param_dtype=None) -> Loaded:
+  """A workdir's latest checkpoint, or a Hugging Face `save_pretrained` directory (parameters
+  in `param_dtype`, default float32), on one device or sharded over `mesh` by `rules`."""
   directory = pathlib.Path(path)
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist or is not a directory (expected a '
                             'training workdir or a Hugging Face directory)')
   if (directory / 'config.json').is_file():
     from deepseek_jax.convert import hf  # pylint: disable=import-outside-toplevel
-    cfg, model = hf.load_pretrained(directory)
+    cfg, model = hf.load_pretrained(directory, mesh=mesh, rules=rules,
+                                    param_dtype=param_dtype or jnp.float32)
     source = str(directory.absolute())
   else:
-    cfg, model, source = restore_workdir(directory)
+    cfg, model, source = restore_workdir(directory, mesh, rules)
   return Loaded(cfg, model, tokenizer_in(directory, cfg), source)
