@@ -16,8 +16,8 @@ import json
 import math
 import os
 import pathlib
+import secrets
 import shutil
-import tempfile
 import typing
 
 import jax
@@ -207,13 +207,20 @@ def _encode(entry: Entry, value: np.ndarray) -> dict[str, np.ndarray]:
 
 # ---- the directory -----------------------------------------------------------------------------
 
-def _copy_tokenizer(tokenizer_path, directory: pathlib.Path) -> list[str]:
-  """`tokenizer.json` (a file, or a directory holding one) and a `tokenizer_config.json` beside it
-  (else a minimal one naming the fast tokenizer class, so AutoTokenizer can load it)."""
+def _tokenizer_file(tokenizer_path) -> pathlib.Path | None:
+  """`tokenizer_path` itself, or the `tokenizer.json` in that directory; it must exist."""
+  if tokenizer_path is None:
+    return None
   source = pathlib.Path(tokenizer_path)
   source = source / TOKENIZER_FILES[0] if source.is_dir() else source
   if not source.is_file():
     raise FileNotFoundError(f'save_pretrained: tokenizer {source} not found')
+  return source
+
+
+def _copy_tokenizer(source: pathlib.Path, directory: pathlib.Path) -> list[str]:
+  """`tokenizer.json` and the `tokenizer_config.json` beside it (else a minimal one naming the
+  fast tokenizer class, so that AutoTokenizer loads it)."""
   shutil.copyfile(source, directory / TOKENIZER_FILES[0])
   beside = source.parent / TOKENIZER_FILES[1]
   if beside.is_file():
@@ -236,9 +243,9 @@ def save_pretrained(model: model_lib.DeepSeekV3, out, *, fp8: bool = False,
                     progress: bool = True) -> dict:
   """Writes `model` (either layer layout) as a DeepseekV3ForCausalLM directory at `out`:
   config.json, `model-0000k-of-0000n.safetensors` shards of at most `max_shard_bytes` of tensors
-  each, `model.safetensors.index.json`, and the tokenizer when `tokenizer_path` is given. Weights
-  are BF16; with `fp8`, the weights the release quantizes are E4M3 in 128x128 blocks. Returns
-  {'out', 'files', 'bytes', 'tensors'}."""
+  each, `model.safetensors.index.json`, and the tokenizer when `tokenizer_path` (a tokenizer.json
+  or a directory holding one) is given. Weights are BF16; with `fp8`, the weights the release
+  quantizes are E4M3 in 128x128 blocks. Returns {'out', 'files', 'bytes', 'tensors'}."""
   cfg, out = model.cfg, pathlib.Path(out)
   check_exportable(cfg)
   _check_out(out)
@@ -247,13 +254,14 @@ def save_pretrained(model: model_lib.DeepSeekV3, out, *, fp8: bool = False,
   leaves = dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, RouterBias))))
   rules, entries = plan(cfg, leaves, fp8)
   shards = shard(entries, max_shard_bytes)
-  if tokenizer_path is not None and not pathlib.Path(tokenizer_path).exists():
-    raise FileNotFoundError(f'save_pretrained: tokenizer {tokenizer_path} not found')
+  tokenizer = _tokenizer_file(tokenizer_path)
 
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+  # a hidden sibling (same file system, so the rename is atomic), made with the umask's mode
+  tmp = out.parent / f'.{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
+  tmp.mkdir()
   try:
-    files = _write(tmp, cfg, fp8, rules, leaves, shards, tokenizer_path, progress)
+    files = _write(tmp, cfg, fp8, rules, leaves, shards, tokenizer, progress)
     _check_out(out)  # nothing appeared there meanwhile
     if out.is_dir():
       out.rmdir()
@@ -266,7 +274,8 @@ def save_pretrained(model: model_lib.DeepSeekV3, out, *, fp8: bool = False,
 
 
 def _write(directory: pathlib.Path, cfg: ModelConfig, fp8: bool, rules: list[hf.Rule],
-           leaves: dict, shards: list[list[Entry]], tokenizer_path, progress: bool) -> list[str]:
+           leaves: dict, shards: list[list[Entry]], tokenizer: pathlib.Path | None,
+           progress: bool) -> list[str]:
   sources = _Sources(cfg, leaves, rules)
   names = [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors' for k in range(len(shards))]
   weight_map, total = {}, 0
@@ -288,5 +297,5 @@ def _write(directory: pathlib.Path, cfg: ModelConfig, fp8: bool, rules: list[hf.
   index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
   (directory / safetensors_io.INDEX_FILE).write_text(json.dumps(index, indent=2) + '\n')
   (directory / 'config.json').write_text(json.dumps(hf_config(cfg, fp8), indent=2) + '\n')
-  extra = _copy_tokenizer(tokenizer_path, directory) if tokenizer_path is not None else []
+  extra = _copy_tokenizer(tokenizer, directory) if tokenizer is not None else []
   return ['config.json', safetensors_io.INDEX_FILE, *names, *extra]
