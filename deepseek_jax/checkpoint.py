@@ -9,11 +9,14 @@ grouped matmul, activation dtype, precision) may change on resume.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from deepseek_jax.config import IMPLEMENTATION_FIELDS
 
@@ -25,13 +28,14 @@ class Checkpoints:
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
-    if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data', 'meta'))
+    with _without_read_only_notices():
+      if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+      else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                               enable_async_checkpointing=async_save)
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=('state', 'data', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -101,6 +105,25 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Orbax warns twice that a read-only manager is read-only (every run reads its workdir's
+  latest meta through one before it starts); those two lines say nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(('CheckpointManagerOptions.read_only=True',
+                                           'Given directory is read only'))
+
+
+@contextlib.contextmanager
+def _without_read_only_notices():
+  logger, notice = absl_logging.get_absl_logger(), _ReadOnlyNotice()
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:

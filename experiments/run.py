@@ -8,6 +8,12 @@ override: `--config.train.steps=10` fits the config's warm-up to it and prints e
 changed (`deepseek_jax/train/config.py`); a `--config.train.*` value given here is never changed,
 so one that does not fit is an error naming it.
 
+Fine-tuning starts a new workdir from pretrained weights, which also fix the model config
+(`deepseek_jax/train/pretrained.py`; experiments/convert.py writes the same start ahead):
+
+  python -m experiments.run --config=experiments/configs/finetune.py --workdir=runs/ft \
+      --config.init_from=hf:path/to/save_pretrained_dir --config.data.path='my_texts/*.txt'
+
 Several processes (hosts, or CPU processes on one machine) run the same command, each with its
 own process id, and share the workdir (checkpoints are written by all, logs by process 0):
 
@@ -64,8 +70,9 @@ def main(argv):
   from deepseek_jax.train import loop  # pylint: disable=import-outside-toplevel  (after hostmem)
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   explicit = {name.split('.', 1)[1] for name in overrides if name.startswith('train.')}
+  explicit_model = {name.split('.', 1)[1] for name in overrides if name.startswith('model.')}
   try:
-    result = loop.train(_CONFIG.value, workdir, explicit)
+    result = loop.train(_CONFIG.value, workdir, explicit, explicit_model)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   if jax.process_index() == 0:

@@ -1,11 +1,14 @@
-"""Tokenizers: raw UTF-8 bytes (the default) or a byte-level BPE trained here on the train split.
+"""Tokenizers: raw UTF-8 bytes (the default), a byte-level BPE trained here on the train split,
+or the `tokenizer.json` that came with pretrained weights (any `tokenizers` file, DeepSeek's own
+with its special tokens included).
 
-Both say how many UTF-8 bytes each token stands for (`bytes_per_token`, [V]), so evaluation can
+Each says how many UTF-8 bytes each token stands for (`bytes_per_token`, [V]), so evaluation can
 report bits per byte, a figure that does not depend on the tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -99,21 +102,85 @@ class BpeTokenizer:
     return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
 
+class FileTokenizer:
+  """Any `tokenizers` tokenizer.json, e.g. a pretrained checkpoint's: text is encoded without
+  the special tokens a post-processor would add (BOS), as the training stream has none; a
+  special token written in the text is still read as that token."""
+
+  def __init__(self, tokenizer: Any):
+    self._tokenizer = tokenizer
+    vocab = tokenizer.get_vocab()  # added (special) tokens included
+    self.vocab_size = max(vocab.values()) + 1
+    self.bytes_per_token = _token_bytes(tokenizer, vocab, self.vocab_size)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, np.int32)
+            for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    # Special tokens are shown: encode reads them in the text, and bytes_per_token counts them.
+    return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                  skip_special_tokens=False)
+
+
+def _token_bytes(tokenizer: Any, vocab: dict[str, int], size: int) -> np.ndarray:
+  """[size] int32: a byte-level model's token spells one byte per character; an added token
+  (special tokens match their literal text) and any other model's token count the UTF-8 bytes
+  of their decoded text (ids no token has count 0)."""
+  from tokenizers import pre_tokenizers  # pylint: disable=import-outside-toplevel
+  decoder = json.loads(tokenizer.to_str()).get('decoder') or {}
+  byte_level = 'ByteLevel' in {decoder.get('type')} | {
+      d.get('type') for d in decoder.get('decoders') or ()}
+  alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+  added = set(tokenizer.get_added_tokens_decoder())
+  lengths = np.zeros((size,), np.int32)
+  for token, index in vocab.items():
+    if byte_level and index not in added and set(token) <= alphabet:
+      lengths[index] = len(token)
+    else:
+      text = token if index in added else tokenizer.decode([index], skip_special_tokens=False)
+      lengths[index] = len(text.encode('utf-8'))
+  return lengths
+
+
+def load_file(path: str) -> BpeTokenizer | FileTokenizer:
+  """A tokenizer.json: a `BpeTokenizer` when every token is spelled in the byte-level alphabet
+  (the ones `BpeTokenizer.train` writes), else a `FileTokenizer`."""
+  from tokenizers import Tokenizer as HfTokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = HfTokenizer.from_file(path)
+  try:
+    return BpeTokenizer(tokenizer)
+  except ValueError:  # special tokens, or another model's pieces
+    return FileTokenizer(tokenizer)
+
+
 def make_tokenizer(data_cfg: Any, workdir: str | None, train_docs: Sequence[tuple[str, str]],
                    vocab_size: int | None = None) -> Tokenizer:
-  """The tokenizer named by `data.tokenizer` ('byte' default, or 'bpe').
+  """The tokenizer named by `data.tokenizer` ('byte' default, 'bpe' or 'checkpoint').
 
   'bpe' reuses `<workdir>/tokenizer.json` when it exists (a resumed run must keep its ids), else
   trains a BPE of `vocab_size` tokens (the model's) on `train_docs` and saves it there.
-  `vocab_size`, when given, must hold every token id.
+  'checkpoint' only reads `<workdir>/tokenizer.json`: the pretrained weights' own, which
+  `experiments.convert` and a `config.init_from` start copy there. `vocab_size`, when given, must
+  hold every token id.
   """
   kind = data_cfg.get('tokenizer', 'byte')
+  path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if kind == 'byte':
     tokenizer = ByteTokenizer()
+  elif kind == 'checkpoint':
+    if not (path and os.path.isfile(path)):
+      raise ValueError(
+          f"data.tokenizer='checkpoint': {path or TOKENIZER_FILE} not found. It is the "
+          'tokenizer of pretrained weights: start with --config.init_from=hf:<dir> (or a '
+          'workdir), or write this workdir with `python -m experiments.convert`')
+    tokenizer = load_file(path)
   elif kind == 'bpe':
-    path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
     if path and os.path.exists(path):
-      tokenizer = BpeTokenizer.load(path)
+      tokenizer = load_file(path)
     elif vocab_size is None:
       raise ValueError("data.tokenizer='bpe' needs a vocab size to train to (model.vocab_size)")
     else:
@@ -122,7 +189,7 @@ def make_tokenizer(data_cfg: Any, workdir: str | None, train_docs: Sequence[tupl
         os.makedirs(workdir, exist_ok=True)
         tokenizer.save(path)
   else:
-    raise ValueError(f"data.tokenizer must be 'byte' or 'bpe', got {kind!r}")
+    raise ValueError(f"data.tokenizer must be 'byte', 'bpe' or 'checkpoint', got {kind!r}")
   if vocab_size is not None and tokenizer.vocab_size > vocab_size:
     raise ValueError(f'data.tokenizer={kind!r} has {tokenizer.vocab_size} tokens, more than '
                      f'model.vocab_size={vocab_size}')

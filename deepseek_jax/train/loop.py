@@ -15,6 +15,9 @@ restores onto this run's mesh whatever mesh wrote it, and every step runs under
 `jax.set_mesh(mesh)` (the MoE layer's expert-parallel path reads it). With several processes
 (`jax.distributed`, see experiments/run.py) each one feeds its rows of the global batch, all take
 part in every step and checkpoint, and only process 0 prints and writes logs, plots and samples.
+
+`config.init_from` starts a workdir from pretrained weights, and `convert` writes such a start as
+a workdir's step-0 checkpoint; where the model config then comes from is train/pretrained.py's.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax import checkpoint as ckpt_lib
 from deepseek_jax.data import pipeline as data_lib
 from deepseek_jax.train import optimizer as opt_lib
+from deepseek_jax.train import pretrained
 from deepseek_jax.train import report
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.config import MeshConfig, RunConfig, resolve
@@ -154,13 +158,17 @@ def mesh_from_config(config, cfg: ModelConfig,
                     cfg, batch_size)
 
 
-def prepare_data(config, workdir: pathlib.Path, vocab_size: int) -> data_lib.Data:
-  """`data_lib.prepare`, process 0 first: it trains and saves a BPE tokenizer that the other
-  processes then load from the workdir instead of writing the same file at the same time."""
-  if jax.process_count() == 1:
-    return data_lib.prepare(config.data, str(workdir), vocab_size)
+def prepare_data(config, workdir: pathlib.Path, vocab_size: int,
+                 tokenizer: pathlib.Path | None = None) -> data_lib.Data:
+  """`data_lib.prepare`, process 0 first: it copies `tokenizer` (pretrained weights' own) into
+  the workdir, or trains and saves a BPE tokenizer there, which the other processes then load
+  instead of writing the same file at the same time."""
   if jax.process_index() == 0:
+    if tokenizer is not None:
+      pretrained.copy_tokenizer(tokenizer, workdir)
     data = data_lib.prepare(config.data, str(workdir), vocab_size)
+  if jax.process_count() == 1:
+    return data
   multihost_utils.sync_global_devices('deepseek_jax: data prepared')
   if jax.process_index() != 0:
     data = data_lib.prepare(config.data, str(workdir), vocab_size)
@@ -214,51 +222,98 @@ def train_state_layout(run: RunConfig, seed: int, mesh, table) -> TrainStateLayo
 
 
 def _restore_or_create(run: RunConfig, seed: int, mesh, table, checkpoints: ckpt_lib.Checkpoints,
-                       iterator, lead: bool):
+                       iterator, lead: bool, meta: dict, source: pretrained.Source | None = None):
   """(graphdef, rest, state, start, shardings, tx): the latest checkpoint's state (and iterator
-  position) restored onto `mesh`, or a fresh state created in place on it."""
+  position) restored onto `mesh`, or a fresh state created in place on it: initialised, or
+  `source`'s weights with a fresh optimizer."""
   tx, init, graphdef, abstract_state, _, shardings, rest_shardings = train_state_layout(
       run, seed, mesh, table)
-  meta = _meta(run)
   start = checkpoints.latest_step()
-  if start is None:  # created in place on the mesh
+  if start is None and source is not None:
+    rest = jax.jit(lambda: init()[1], out_shardings=rest_shardings)()
+    state = pretrained.initial_state(source, run.model, tx, abstract_state, shardings, mesh, table)
+  elif start is None:  # created in place on the mesh
     state, rest = jax.jit(init, out_shardings=(shardings, rest_shardings))()
   else:
     rest = jax.jit(lambda: init()[1], out_shardings=rest_shardings)()
     state, data_state = checkpoints.restore(
         start, sharding.with_shardings(abstract_state, shardings), meta)
-    iterator.set_state(data_state)
+    if data_state:  # `convert`'s step 0 has none: the iterator starts at the first batch
+      iterator.set_state(data_state)
     if lead:
       print(f'resumed from {checkpoints.directory / str(start)}')
   return graphdef, rest, state, start or 0, shardings, tx
 
 
-def _meta(run: RunConfig) -> dict:
-  return {'model': run.model.to_dict()}  # not the mesh: a checkpoint restores onto any mesh
+def _meta(run: RunConfig, origin: str | None = None) -> dict:
+  """Saved with every checkpoint: the model config (not the mesh: a checkpoint restores onto
+  any mesh) and, for weights that began as pretrained ones, their source."""
+  return {'model': run.model.to_dict(), **({'init_from': origin} if origin else {})}
 
 
-def start_session(config, workdir: str | pathlib.Path,
-                  explicit: Collection[str] = ()) -> _Session:
+def convert(config, hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
+            explicit_model: Collection[str] = ()) -> pathlib.Path:
+  """`experiments.convert`: what `--config.init_from=hf:<hf_dir>` starts from (the Hugging
+  Face weights, a fresh optimizer, step 0) saved as `workdir`'s step-0 checkpoint, with the
+  directory's tokenizer.json copied beside it (unless `data.tokenizer='byte'`, as at such a
+  start); `train` on the workdir continues from there.
+  `config` is the one the workdir will train with (its optimizer state must fit). Returns the
+  checkpoint's directory."""
+  workdir = pathlib.Path(workdir).absolute()
+  run = resolve(config)
+  if pretrained.latest_meta(workdir) is not None:
+    raise ValueError(f'{workdir / "checkpoints"} already holds a checkpoint: convert into a '
+                     'new workdir')
+  start = pretrained.plan(run, f'{pretrained.HF_PREFIX}{hf_dir}',
+                          config.data.get('tokenizer', 'byte'), workdir, explicit_model)
+  run, lead = start.run, jax.process_index() == 0
+  if lead:
+    for note in start.notes:
+      print(note)
+  mesh, table = build_mesh(run.mesh, run.model, run.train.batch_size)
+  layout = train_state_layout(run, config.seed, mesh, table)
+  state = pretrained.initial_state(start.source, run.model, layout.tx, layout.state,
+                                   layout.shardings, mesh, table)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if lead and start.tokenizer is not None:
+    pretrained.copy_tokenizer(start.tokenizer, workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', run.train.keep_checkpoints)
+  try:
+    checkpoints.save(0, state, {}, _meta(run, start.origin))
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+  return checkpoints.directory / '0'
+
+
+def start_session(config, workdir: str | pathlib.Path, explicit: Collection[str] = (),
+                  explicit_model: Collection[str] = ()) -> _Session:
   """Resolves the configs (printing what was fitted), builds the mesh, the data and the train
-  state (restored from the workdir's latest checkpoint if there is one) and the jitted steps."""
+  state (restored from the workdir's latest checkpoint if there is one, else from
+  `config.init_from`'s weights if given) and the jitted steps. `explicit_model`: the `model.*`
+  fields set on the command line, which pretrained weights may not overrule."""
   workdir = pathlib.Path(workdir)
   run = resolve(config, explicit)
+  start = pretrained.plan(run, config.get('init_from') or '', config.data.get('tokenizer', 'byte'),
+                          workdir, explicit_model)
+  run = start.run
   process_index, process_count = jax.process_index(), jax.process_count()
   lead = process_index == 0
   if lead:
-    for note in run.notes:
+    for note in run.notes + start.notes:
       print(note)
   t = run.train
   mesh, table = build_mesh(run.mesh, run.model, t.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
-  data = prepare_data(config, workdir, run.model.vocab_size)
+  data = prepare_data(config, workdir, run.model.vocab_size, start.tokenizer)
   iterator = data_lib.train_iterator(data.train_tokens, t.seq_len, t.batch_size, config.seed,
                                      process_index, process_count)
   eval_set = data_lib.eval_batches(data.heldout_tokens, t.seq_len, t.batch_size,
                                    t.eval_batches, process_index, process_count)
   checkpoints = ckpt_lib.Checkpoints(workdir / 'checkpoints', t.keep_checkpoints)
-  graphdef, rest, state, start, shardings, tx = _restore_or_create(
-      run, config.seed, mesh, table, checkpoints, iterator, lead)
+  meta = _meta(run, start.origin)
+  graphdef, rest, state, step, shardings, tx = _restore_or_create(
+      run, config.seed, mesh, table, checkpoints, iterator, lead, meta, start.source)
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = step_lib.make_train_step(graphdef, rest, run.model, t, tx, shardings,
                                         batch_sharding)
@@ -268,7 +323,7 @@ def start_session(config, workdir: str | pathlib.Path,
   bytes_per_token = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), bytes_per_token, bytes_per_token.shape)
   return _Session(run, workdir, lead, mesh, data, iterator, eval_set, bytes_per_token,
-                  checkpoints, _meta(run), graphdef, rest, state, start, train_step, eval_step)
+                  checkpoints, meta, graphdef, rest, state, step, train_step, eval_step)
 
 
 class _Reader:
@@ -361,11 +416,12 @@ def finish(s: _Session, log: _MetricsLog, last: dict) -> None:
     (s.workdir / 'sample.txt').write_text(last['sample'])
 
 
-def train(config, workdir: str | pathlib.Path,
-          explicit: Collection[str] = ()) -> dict[str, Any]:
+def train(config, workdir: str | pathlib.Path, explicit: Collection[str] = (),
+          explicit_model: Collection[str] = ()) -> dict[str, Any]:
   """Trains (or resumes) `config` in `workdir`; returns the last logged metrics and eval.
-  `explicit`: the `train.*` fields given on the command line, which `resolve` never changes."""
-  session = start_session(config, workdir, explicit)
+  `explicit`: the `train.*` fields given on the command line, which `resolve` never changes;
+  `explicit_model`: the `model.*` ones (pretrained weights may not overrule them)."""
+  session = start_session(config, workdir, explicit, explicit_model)
   log = _MetricsLog(session.workdir, session.start, enabled=session.lead)
   last: dict[str, Any] = {}
   try:

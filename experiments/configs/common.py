@@ -8,8 +8,8 @@ from deepseek_jax.train.config import MeshConfig, TrainConfig
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
-  """A run config: `seed`, `model.<ModelConfig field>`, `train.<TrainConfig field>`, `data.*`,
-  `mesh.<MeshConfig field>`.
+  """A run config: `seed`, `init_from`, `model.<ModelConfig field>`, `train.<TrainConfig field>`,
+  `data.*`, `mesh.<MeshConfig field>`.
 
   `model`, `train` and `mesh` hold every field of their dataclass (at its default where not
   given), so each one can be overridden on the command line, e.g. `--config.model.precision=fp8`
@@ -18,6 +18,10 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Pretrained weights a workdir without checkpoints starts from (fresh optimizer, step 0):
+  # 'hf:<save_pretrained dir>' or a training workdir; their model config replaces `model`
+  # (deepseek_jax/train/pretrained.py). '' trains from a random initialisation.
+  config.init_from = ''
   config.model = ml_collections.ConfigDict(ModelConfig.from_dict(model).to_dict())
   train = TrainConfig().to_dict()
   # None until the run resolves it from model.precision, but overridable with True/False
@@ -25,7 +29,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(train)
   config.data = ml_collections.ConfigDict(dict(
       path='',                     # '' = the corpus shipped with Python; or files, a dir, a glob
-      tokenizer='byte',            # 'byte' or 'bpe' (trained on the train split, saved in workdir)
+      # 'byte', 'bpe' (trained on the train split, saved in the workdir) or 'checkpoint' (the
+      # tokenizer.json of pretrained weights, copied into the workdir; see `init_from`)
+      tokenizer='byte',
       heldout_fraction=0.05,
   ))
   # The device mesh (deepseek_jax/sharding.py; deepseek_jax/DESIGN.md, "Sharding and the
