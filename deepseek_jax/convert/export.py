@@ -192,17 +192,21 @@ class _Sources:
     for target in rule.targets:
       path, index = _locate(self.cfg, self.leaves, target)
       value = self.leaves[path].get_value()
-      targets.append((value[index] if index else value).astype(jnp.float32))
-    primals = [jax.ShapeDtypeStruct(s, jnp.float32) for s in rule.sources.values()]
-    inverse = jax.linear_transpose(_forward(rule), *primals)  # a permutation's transpose
-    return [np.asarray(jax.device_get(s)) for s in inverse(tuple(targets))]
+      targets.append(value[index] if index else value)
+    # in the parameters' own dtype: a permutation's transpose is exact in any, and a float32
+    # copy of the embedding would double the host peak
+    dtype = jnp.result_type(*targets)
+    primals = [jax.ShapeDtypeStruct(s, dtype) for s in rule.sources.values()]
+    inverse = jax.linear_transpose(_forward(rule), *primals)
+    return [np.asarray(jax.device_get(s))
+            for s in inverse(tuple(t.astype(dtype) for t in targets))]
 
 
 def _encode(entry: Entry, value: np.ndarray) -> dict[str, np.ndarray]:
   if entry.dtype == hf.FP8:
     q, scale = quantize_fp8(value)
     return {entry.name: q, entry.name + hf.SCALE_SUFFIX: scale}
-  return {entry.name: value.astype(entry.dtype)}
+  return {entry.name: value.astype(entry.dtype, copy=False)}
 
 
 # ---- the directory -----------------------------------------------------------------------------

@@ -127,4 +127,4 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     f.write(struct.pack('<Q', len(encoded)))
     f.write(encoded)
     for value in arrays.values():
-      f.write(value.tobytes())
+      f.write(value.reshape(-1).view(np.uint8).data)  # the array's own bytes, not a copy

@@ -10,12 +10,10 @@ A directory with `config.json` goes through `convert.hf.load_pretrained`.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
@@ -31,33 +29,11 @@ class Loaded(NamedTuple):
   source: str  # what was read, for the log line
 
 
-class _PlainTokenizer:
-  """A `tokenizers` tokenizer.json that is not a pure byte-level BPE (e.g. DeepSeek's own, with
-  special tokens): encode and decode only."""
-
-  def __init__(self, tokenizer):
-    self._tokenizer = tokenizer
-    self.vocab_size = tokenizer.get_vocab_size()
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
-
-  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    return [self.encode(text) for text in texts]
-
-  def decode(self, ids) -> str:
-    return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-
 def tokenizer_in(directory: pathlib.Path, cfg: ModelConfig) -> tokenizer_lib.Tokenizer:
   """`<directory>/tokenizer.json` when present, else bytes (which needs vocab_size >= 256)."""
   path = directory / tokenizer_lib.TOKENIZER_FILE
   if path.is_file():
-    try:
-      tokenizer = tokenizer_lib.BpeTokenizer.load(str(path))
-    except ValueError:  # not spelled in the byte-level alphabet
-      from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-      tokenizer = _PlainTokenizer(Tokenizer.from_file(str(path)))
+    tokenizer = tokenizer_lib.load_file(str(path))  # DeepSeek's own included
   elif cfg.vocab_size >= tokenizer_lib.ByteTokenizer.vocab_size:
     tokenizer = tokenizer_lib.ByteTokenizer()
   else:
