@@ -11,6 +11,7 @@ only those blocks (`jax.make_array_from_single_device_arrays`), dequantizing FP8
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import pathlib
@@ -480,13 +481,17 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   filled = {}
   for path, variable in leaves.items():
     shape, sharding = variable.get_value().shape, shardings[path]
+    where = {device: tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+             for device, index in sharding.addressable_devices_indices_map(shape).items()}
+    uses = collections.Counter(where.values())
     blocks, arrays = {}, []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-      bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+    for device, bounds in where.items():
       if bounds not in blocks:  # replicas of a block are read once
         blocks[bounds] = _fill(path, shape, dtypes[path], bounds, pieces[path], sources)
       arrays.append(jax.device_put(blocks[bounds], device))
-    del blocks
+      uses[bounds] -= 1
+      if not uses[bounds]:  # the device has it (a CPU device adopts it): let go of ours
+        del blocks[bounds]
     filled[path] = variable.replace(
         jax.make_array_from_single_device_arrays(shape, sharding, arrays))
     bar.update(math.prod(shape) * dtypes[path].itemsize)
