@@ -52,7 +52,7 @@ def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_bat
     raise ValueError(f'--mesh={",".join(mesh_sizes)}: expected three integer sizes '
                      'data,expert,plane') from None
   mesh = sharding.make_mesh(data, expert, plane)
-  loaded = load.load(source, mesh=mesh, rules=sharding.rules(fsdp))
+  loaded = load.load(source, mesh=mesh, rules=sharding.rules(fsdp), progress=True)
   if not hasattr(loaded.tokenizer, 'bytes_per_token'):
     raise ValueError(f'{source}: its tokenizer does not say how many bytes each token stands '
                      'for, so bits per byte cannot be computed')

@@ -60,7 +60,7 @@ def main(argv):
     mesh, rules = mesh_from_flags()
     if mesh is not None and _SPECULATIVE.value:
       raise ValueError('--speculative runs on one device: drop --mesh')
-    loaded = load.load(_WORKDIR.value, mesh=mesh, rules=rules)
+    loaded = load.load(_WORKDIR.value, mesh=mesh, rules=rules, progress=True)
     prompts = [loaded.tokenizer.encode(text) for text in _PROMPT.value]
     options = dict(sampling=config, mode=_MODE.value, max_len=_MAX_LEN.value, seed=_SEED.value)
     if _SPECULATIVE.value:

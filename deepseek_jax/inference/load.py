@@ -75,9 +75,10 @@ def restore_workdir(workdir: pathlib.Path, mesh: jax.sharding.Mesh | None = None
 
 
 def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,
-         param_dtype=None) -> Loaded:
+         param_dtype=None, progress: bool = False) -> Loaded:
   """A workdir's latest checkpoint, or a Hugging Face `save_pretrained` directory (parameters
-  in `param_dtype`, default float32), on one device or sharded over `mesh` by `rules`."""
+  in `param_dtype`, default float32, with a progress bar when `progress`), on one device or
+  sharded over `mesh` by `rules`."""
   directory = pathlib.Path(path)
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist or is not a directory (expected a '
@@ -85,7 +86,7 @@ def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=
   if (directory / 'config.json').is_file():
     from deepseek_jax.convert import hf  # pylint: disable=import-outside-toplevel
     cfg, model = hf.load_pretrained(directory, mesh=mesh, rules=rules,
-                                    param_dtype=param_dtype or jnp.float32)
+                                    param_dtype=param_dtype or jnp.float32, progress=progress)
     source = str(directory.absolute())
   else:
     cfg, model, source = restore_workdir(directory, mesh, rules)

@@ -181,7 +181,8 @@ def load_tree(source: Source, cfg: ModelConfig, mesh: jax.sharding.Mesh,
   its sharding under `table`: {'params' | 'router_bias': {path: array}}."""
   if source.kind == 'hf':
     _, model = hf_lib.load_pretrained(source.path, mesh=mesh, rules=table,
-                                      scan_layers=cfg.scan_layers)
+                                      scan_layers=cfg.scan_layers,
+                                      progress=jax.process_index() == 0)
     tree = model_lib.split_trainable(model)[1]
   else:
     step, meta = latest_meta(source.path)
