@@ -9,6 +9,9 @@ tokenizer and cut into windows of `--seq_len` + 1 tokens, `--batch_size` windows
 weights are read straight onto the mesh (experts over expert x plane, every weight over data with
 --fsdp) and each batch is split over its three axes. Prints one JSON line: eval_loss (nats per
 token), eval_bpb, tokens, tokens_per_s (after compilation), compile_s, the checkpoint and mesh.
+Several processes run the same command with `experiments/distributed.py`'s flags
+(--coordinator_address, --num_processes, --process_id): each reads its own blocks of the weights
+and its own rows of every batch; process 0 prints.
 """
 
 import json
@@ -16,6 +19,8 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+from experiments import distributed
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its latest checkpoint).')
 _HF = flags.DEFINE_string('hf', None, 'Hugging Face save_pretrained directory.')
@@ -88,12 +93,15 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # orbax warns about its read-only manager
   if (_WORKDIR.value is None) == (_HF.value is None):
     sys.exit('error: give exactly one of --workdir and --hf')
+  distributed.initialize()
+  import jax  # pylint: disable=import-outside-toplevel  (after jax.distributed)
   try:
     result = evaluate(_WORKDIR.value or _HF.value, _DATA.value, _SEQ_LEN.value, _BATCH.value,
                       _MAX_BATCHES.value, _MESH.value, _FSDP.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  print(json.dumps(result))
+  if jax.process_index() == 0:
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -9,7 +9,8 @@ Prints each prompt with its continuation, then one line of JSON: tokens_per_s, n
 acceptance_rate (null without --speculative), cache_bytes_per_token and the timings.
 With --mesh the weights are read straight onto a (data, expert, plane) mesh of the visible
 devices (experts over expert x plane as in training, every weight over data with --fsdp) and the
-batch and its cache are split over all three axes.
+batch and its cache are split over all three axes; several processes run the same command with
+`experiments/distributed.py`'s flags (process 0 prints).
 """
 
 import json
@@ -19,6 +20,7 @@ from absl import app, flags, logging
 
 from deepseek_jax import sharding
 from deepseek_jax.inference import decode, load, sampling, speculative
+from experiments import distributed
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny',
                                 'Training workdir or Hugging Face directory.')
@@ -55,6 +57,7 @@ def mesh_from_flags():
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # orbax warns about its read-only manager
+  distributed.initialize()
   try:
     config = sampling.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     mesh, rules = mesh_from_flags()
@@ -69,6 +72,9 @@ def main(argv):
       result = decode.generate(loaded.model, prompts, _MAX_NEW.value, mesh=mesh, **options)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
+  import jax  # pylint: disable=import-outside-toplevel  (after jax.distributed)
+  if jax.process_index():
+    return
   for text, tokens in zip(_PROMPT.value, result.tokens):
     print(text + loaded.tokenizer.decode(tokens))
     print()

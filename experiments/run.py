@@ -27,7 +27,6 @@ JAX_LOCAL_DEVICE_IDS), or with --distributed; what is not given JAX detects on S
 """
 
 import json
-import os
 import pathlib
 import sys
 
@@ -35,35 +34,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax import hostmem
+from experiments import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
                                           'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default runs/<config name>).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0\'s coordinator (multi-process runs).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id, 0 .. n-1.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() even without the three flags above '
-    '(JAX detects Slurm, Open MPI, Cloud TPU pods, Kubernetes).')
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize` when asked for, before anything touches JAX's devices; CPU
-  devices then talk over gloo (the setting only concerns the CPU backend)."""
-  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if (all(v is None for v in given) and not _DISTRIBUTED.value
-      and not os.environ.get('JAX_COORDINATOR_ADDRESS')):
-    return
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(*given)
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and XLA log every save at INFO
-  initialize_distributed()
+  distributed.initialize()
   name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
   workdir = _WORKDIR.value or f'runs/{name}'
   import jax  # pylint: disable=import-outside-toplevel
