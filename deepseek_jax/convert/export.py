@@ -105,18 +105,11 @@ def _dtype(name: str, shape: tuple[int, ...], fp8: bool) -> np.dtype:
 
 
 def _locate(cfg: ModelConfig, leaves: dict, target: tuple) -> tuple[tuple, tuple[int, ...]]:
-  """A plan target -> (leaf path, index into that leaf): the layer of a stack, then any trailing
-  ints of the target (a row of the leaf, e.g. one routed expert)."""
-  path, index = target, ()
-  if target[0] == 'layers':
-    prefix, layer = model_lib.layer_location(cfg, target[1])
-    path, index = prefix + target[2:], (() if layer is None else (layer,))
-  rows = ()
-  while path not in leaves and path and isinstance(path[-1], int):
-    path, rows = path[:-1], (path[-1],) + rows
+  """A plan target -> (leaf path, index into that leaf), as the importer places it."""
+  path, index = hf.target_location(cfg, target)
   if path not in leaves:
     raise ValueError(f'export: the plan names {target}, which is no parameter of the model')
-  return path, index + rows
+  return path, index
 
 
 def _forward(rule: hf.Rule):

@@ -379,6 +379,19 @@ class _Sources:
     return self._dequantized[name]
 
 
+def target_location(cfg: ModelConfig, target: Path) -> tuple[Path, tuple[int, ...]]:
+  """Where a plan target lives in `cfg`'s layout: (parameter path, leading indices into it: the
+  layer's row of a stack, then the routed expert's row; () for a whole parameter)."""
+  path, lead = target, ()
+  if isinstance(path[-1], int):  # row j of a routed-expert tensor
+    path, lead = path[:-1], (path[-1],)
+  if path[0] == 'layers':  # the plan names layers one by one; a stack holds them in rows
+    prefix, index = model_lib.layer_location(cfg, path[1])
+    path = prefix + path[2:]
+    lead = lead if index is None else (index,) + lead
+  return path, lead
+
+
 def _pieces(cfg: ModelConfig, plan: list[Rule],
             leaves: dict[Path, typing.Any]) -> dict[Path, list[_Piece]]:
   """Every parameter's pieces; raises naming a plan target the model lacks or a parameter no
@@ -386,13 +399,7 @@ def _pieces(cfg: ModelConfig, plan: list[Rule],
   pieces: dict[Path, list[_Piece]] = {}
   for rule in plan:
     for k, target in enumerate(rule.targets):
-      path, lead = target, ()
-      if isinstance(path[-1], int):  # row j of a routed-expert tensor
-        path, lead = path[:-1], (path[-1],)
-      if path[0] == 'layers':  # the plan names layers one by one; a stack holds them in rows
-        prefix, index = model_lib.layer_location(cfg, path[1])
-        path = prefix + path[2:]
-        lead = lead if index is None else (index,) + lead
+      path, lead = target_location(cfg, target)
       if path not in leaves:
         raise ValueError(f'load_pretrained: the plan targets {target}, which the model lacks')
       pieces.setdefault(path, []).append(_Piece(lead, rule, k))
