@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from deepseek_jax.config import IMPLEMENTATION_FIELDS
+from deepseek_jax import model as model_lib
+from deepseek_jax import sharding
+from deepseek_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 
 
 class Checkpoints:
@@ -105,6 +107,51 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def latest(directory: str | pathlib.Path) -> tuple[int, dict] | None:
+  """(step, meta) of the latest checkpoint in `directory` (a run's `<workdir>/checkpoints`),
+  None without one; creates nothing."""
+  if not pathlib.Path(directory).is_dir():
+    return None
+  checkpoints = Checkpoints(directory, read_only=True)
+  try:
+    step = checkpoints.latest_step()
+    return None if step is None else (step, checkpoints.read_meta(step))
+  finally:
+    checkpoints.close()
+
+
+class Trained(NamedTuple):
+  step: int
+  cfg: ModelConfig            # the meta's
+  model: model_lib.DeepSeekV3
+
+
+def restore_model(directory: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                  rules=None) -> Trained | None:
+  """The model of the latest checkpoint in `directory`, built from its meta's config: only the
+  parameters and router biases are read (not the optimizer state), onto the first local device,
+  or sharded over `mesh` by `rules` (default `sharding.rules()`) with each process reading its
+  own blocks. None without a checkpoint."""
+  if not pathlib.Path(directory).is_dir():
+    return None
+  checkpoints = Checkpoints(directory, read_only=True)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      return None
+    cfg = ModelConfig.from_dict(checkpoints.read_meta(step)['model'])
+    graphdef, tree, rest = model_lib.split_trainable(model_lib.abstract(cfg))
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, tree)
+    else:
+      shardings = sharding.variable_shardings(tree, mesh, rules or sharding.rules())
+    tree = checkpoints.restore_tree(step, sharding.with_shardings(tree, shardings))
+  finally:
+    checkpoints.close()
+  return Trained(step, cfg, model_lib.merge_trainable(graphdef, tree, rest))
 
 
 class _ReadOnlyNotice(logging.Filter):

@@ -1,8 +1,8 @@
 """A model and its tokenizer for inference, from a training workdir or a Hugging Face directory.
 
 A workdir (`experiments.run --workdir=...`) holds `checkpoints/<step>/`
-(`deepseek_jax/checkpoint.py`): the model config is read from its `meta`, then only the parameters and router biases
-(`Checkpoints.restore_tree`), not the optimizer state. Its tokenizer is the one
+(`deepseek_jax/checkpoint.py`): `checkpoint.restore_model` reads the model config from its `meta`,
+then only the parameters and router biases, not the optimizer state. Its tokenizer is the one
 `data/tokenizer.make_tokenizer` made: `<workdir>/tokenizer.json` for 'bpe', else bytes.
 A directory with `config.json` goes through `convert.hf.load_pretrained`.
 """
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax import checkpoint as ckpt_lib
-from deepseek_jax import sharding
 from deepseek_jax.data import tokenizer as tokenizer_lib
 
 
@@ -47,31 +46,15 @@ def tokenizer_in(directory: pathlib.Path, cfg: ModelConfig) -> tokenizer_lib.Tok
 
 def restore_workdir(workdir: pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,
                     ) -> tuple[ModelConfig, model_lib.DeepSeekV3, str]:
-  """The model of the latest checkpoint in `<workdir>/checkpoints`: on the first device, or
-  sharded over `mesh` by `rules` (default `sharding.rules()`), each process reading its own
-  blocks."""
+  """The model of the latest checkpoint in `<workdir>/checkpoints` (`checkpoint.restore_model`):
+  on the first device, or sharded over `mesh` by `rules`, each process reading its own blocks."""
   directory = (workdir / 'checkpoints').absolute()
-  checkpoints = ckpt_lib.Checkpoints(directory, read_only=True) if directory.is_dir() else None
-  step = checkpoints.latest_step() if checkpoints is not None else None
-  if step is None:
-    if checkpoints is not None:
-      checkpoints.close()
+  restored = ckpt_lib.restore_model(directory, mesh, rules)
+  if restored is None:
     raise FileNotFoundError(
         f'no checkpoint in {directory} (train one with `python -m experiments.run '
         f'--workdir={workdir}`), and {workdir} is not a Hugging Face directory (no config.json)')
-  try:
-    cfg = ModelConfig.from_dict(checkpoints.read_meta(step)['model'])
-    graphdef, tree, rest = model_lib.split_trainable(model_lib.abstract(cfg))
-    if mesh is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: device, tree)
-    else:
-      shardings = sharding.variable_shardings(tree, mesh, rules or sharding.rules())
-    tree = checkpoints.restore_tree(step, sharding.with_shardings(tree, shardings))
-  finally:
-    checkpoints.close()
-  model = model_lib.merge_trainable(graphdef, tree, rest)
-  return cfg, model, str(directory / str(step))
+  return restored.cfg, restored.model, str(directory / str(restored.step))
 
 
 def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,

@@ -31,7 +31,6 @@ from flax import nnx
 
 from deepseek_jax import checkpoint as ckpt_lib
 from deepseek_jax import model as model_lib
-from deepseek_jax import sharding
 from deepseek_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from deepseek_jax.convert import hf as hf_lib
 from deepseek_jax.convert import safetensors_io
@@ -80,15 +79,7 @@ def parse(init_from: str) -> Source | None:
 
 def latest_meta(workdir: pathlib.Path) -> tuple[int, dict] | None:
   """(step, meta) of a workdir's latest checkpoint, None without one; creates nothing."""
-  directory = pathlib.Path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    return None
-  checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
-  try:
-    step = checkpoints.latest_step()
-    return None if step is None else (step, checkpoints.read_meta(step))
-  finally:
-    checkpoints.close()
+  return ckpt_lib.latest(pathlib.Path(workdir) / 'checkpoints')
 
 
 def source_config(source: Source) -> ModelConfig:
@@ -185,15 +176,9 @@ def load_tree(source: Source, cfg: ModelConfig, mesh: jax.sharding.Mesh,
                                       progress=jax.process_index() == 0)
     tree = model_lib.split_trainable(model)[1]
   else:
-    step, meta = latest_meta(source.path)
-    saved = ModelConfig.from_dict(meta['model'])
-    target = model_lib.split_trainable(model_lib.abstract(saved))[1]
-    target = sharding.with_shardings(target, sharding.variable_shardings(target, mesh, table))
-    checkpoints = ckpt_lib.Checkpoints(source.path / 'checkpoints', read_only=True)
-    try:
-      tree = checkpoints.restore_tree(step, target)
-    finally:
-      checkpoints.close()
+    restored = ckpt_lib.restore_model(source.path / 'checkpoints', mesh, table)
+    saved = restored.cfg
+    tree = model_lib.split_trainable(restored.model)[1]
   flat = {kind: {path: v.get_value() for path, v in nnx.to_flat_state(state)}
           for kind, state in tree.items()}
   if source.kind == 'workdir' and saved.scan_layers != cfg.scan_layers:
