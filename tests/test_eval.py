@@ -14,6 +14,7 @@ pytest.importorskip('torch')
 pytest.importorskip('transformers')
 
 from deepseek_jax.convert import hf as convert  # noqa: E402
+from tests import processes as processes_lib  # noqa: E402
 from tests.test_hf_parity import hf_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,33 +73,20 @@ def test_eval_names_its_bad_input(saved, tmp_path):
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
-def free_port() -> int:
-  import socket  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_evaluate_like_one(saved):
   """2 processes x 4 CPU devices on the (1, 2, 4) mesh: each reads its blocks and its rows; the
   loss is the float64 reference's, printed once."""
   import os  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  address = f'127.0.0.1:{free_port()}'
+  address = f'127.0.0.1:{processes_lib.free_port()}'
   flags = [f'--hf={saved}', f'--data.path={saved / "text.txt"}', f'--seq_len={T}',
            f'--batch_size={B}', '--max_batches=2', '--mesh=1,2,4',
            f'--coordinator_address={address}', '--num_processes=2']
   processes = [subprocess.Popen([sys.executable, '-m', 'experiments.eval', *flags,
                                  f'--process_id={i}'], cwd=ROOT, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:  # a hung collective must fail the test, not block it
-        p.kill()
-        p.wait()
+  outputs = processes_lib.finish(processes, 240)
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
   # only process 0 prints its JSON (gloo prints its own connection lines)

@@ -5,7 +5,6 @@ experts), and two processes each reading only their own half of the routed exper
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from deepseek_jax import model as model_lib  # noqa: E402
 from deepseek_jax import sharding  # noqa: E402
 from deepseek_jax.convert import hf as convert  # noqa: E402
 from deepseek_jax.convert import safetensors_io  # noqa: E402
+from tests import processes as processes_lib  # noqa: E402
 from tests.test_hf_parity import hf_model, tokens_for  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,12 +129,6 @@ print(json.dumps({'opened': {n: b for n, b in opened.items() if '.experts.' in n
 """
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_each_read_only_their_own_experts(saved, tmp_path):
   _, plain = convert.load_pretrained(saved)
@@ -142,17 +136,11 @@ def test_two_processes_each_read_only_their_own_experts(saved, tmp_path):
   script = f'E = {E}\nimport numpy\nfull = numpy.load({str(tmp_path / "w_gate.npy")!r})\n'
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  address = f'127.0.0.1:{free_port()}'
+  address = f'127.0.0.1:{processes_lib.free_port()}'
   processes = [subprocess.Popen(
       [sys.executable, '-c', script + PROCESS, address, str(i), str(saved)], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=180) for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:  # a hung coordinator must fail the test, not block it
-        p.kill()
-        p.wait()
+  outputs = processes_lib.finish(processes, 180)
   reports = []
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]

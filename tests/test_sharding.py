@@ -7,10 +7,8 @@ train like one process of eight (gloo collectives) and leave a checkpoint one pr
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,6 +22,7 @@ from deepseek_jax.data import pipeline as data_lib
 from deepseek_jax.train import loop
 from deepseek_jax.train import optimizer as opt_lib
 from deepseek_jax.train import step as step_lib
+from tests import processes as processes_lib
 from experiments.configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -294,12 +293,6 @@ def get_config():
 '''
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def loss_rows(workdir: pathlib.Path) -> dict[int, float]:
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   return {row['step']: row['loss'] for row in rows if 'loss' in row}
@@ -316,7 +309,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
   workdir = tmp_path / 'two'
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS=(
       '--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0'))
-  address = f'127.0.0.1:{free_port()}'
+  address = f'127.0.0.1:{processes_lib.free_port()}'
   processes = [subprocess.Popen(
       [sys.executable, '-m', 'experiments.run', f'--config={config_path}',
        f'--config.train.steps={STEPS}', f'--workdir={workdir}',
@@ -325,13 +318,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
       for i in range(2)]
   try:
     one = sharded_runs((2, 2, 2))  # meanwhile, if not done yet
-    deadline = time.monotonic() + 240
-    outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:  # a hung gloo collective must fail the test, not block it
-        p.kill()
-        p.wait()
+  except BaseException:
+    processes_lib.finish(processes, 0)  # stops them
+    raise
+  outputs = [out for out, _ in processes_lib.finish(processes, 240)]
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output
   assert '"step": 20' in outputs[0] and '"step"' not in outputs[1]  # only process 0 prints
