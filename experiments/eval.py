@@ -44,7 +44,6 @@ def documents(path: str):
 def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_batches: int,
              mesh_sizes, fsdp: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from deepseek_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from deepseek_jax import sharding  # pylint: disable=import-outside-toplevel
   from deepseek_jax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -58,9 +57,6 @@ def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_bat
                      'data,expert,plane') from None
   mesh = sharding.make_mesh(data, expert, plane)
   loaded = load.load(source, mesh=mesh, rules=sharding.rules(fsdp), progress=True)
-  if not hasattr(loaded.tokenizer, 'bytes_per_token'):
-    raise ValueError(f'{source}: its tokenizer does not say how many bytes each token stands '
-                     'for, so bits per byte cannot be computed')
   if seq_len > loaded.cfg.max_position_embeddings:
     raise ValueError(f'--seq_len={seq_len} exceeds the model\'s max_position_embeddings='
                      f'{loaded.cfg.max_position_embeddings}')
@@ -72,9 +68,7 @@ def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_bat
   graphdef, tree, rest = model_lib.split_trainable(loaded.model)
   rows = sharding.batch_sharding(mesh)
   eval_step = step.make_eval_step(graphdef, rest, jax.tree.map(lambda a: a.sharding, tree), rows)
-  bytes_per_token = np.asarray(loaded.tokenizer.bytes_per_token, np.float32)
-  bytes_per_token = jax.make_array_from_process_local_data(
-      sharding.replicated(mesh), bytes_per_token, bytes_per_token.shape)
+  bytes_per_token = loop.replicated_bytes_per_token(loaded.tokenizer, mesh)
   with jax.set_mesh(mesh):  # the MoE dispatches over the ambient mesh
     placed = [sharding.put_batch(b, rows) for b in batches]
     start = time.perf_counter()

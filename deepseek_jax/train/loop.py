@@ -132,6 +132,13 @@ class _MetricsLog:
       self._tb.close()
 
 
+def replicated_bytes_per_token(tokenizer, mesh: jax.sharding.Mesh) -> jax.Array:
+  """The tokenizer's UTF-8 bytes per token [V] (float32), replicated on `mesh`: `evaluate`'s
+  denominator of bits per byte."""
+  values = np.asarray(tokenizer.bytes_per_token, np.float32)
+  return jax.make_array_from_process_local_data(sharding.replicated(mesh), values, values.shape)
+
+
 def evaluate(eval_step, tree, batches: list[dict], bytes_per_token: jax.Array) -> dict[str, float]:
   nats = tokens = num_bytes = 0.0
   for batch in batches:
@@ -319,9 +326,7 @@ def start_session(config, workdir: str | pathlib.Path, explicit: Collection[str]
                                         batch_sharding)
   eval_step = step_lib.make_eval_step(graphdef, rest, shardings['tree'], batch_sharding)
   eval_set = [sharding.put_batch(batch, batch_sharding) for batch in eval_set]
-  bytes_per_token = np.asarray(data.tokenizer.bytes_per_token, np.float32)
-  bytes_per_token = jax.make_array_from_process_local_data(
-      sharding.replicated(mesh), bytes_per_token, bytes_per_token.shape)
+  bytes_per_token = replicated_bytes_per_token(data.tokenizer, mesh)
   return _Session(run, workdir, lead, mesh, data, iterator, eval_set, bytes_per_token,
                   checkpoints, meta, graphdef, rest, state, step, train_step, eval_step)
 
