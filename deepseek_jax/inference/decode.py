@@ -206,7 +206,7 @@ def generate(model: model_lib.DeepSeekV3, prompts: Sequence[Sequence[int]], max_
   B = len(lengths)
   tokens, lengths, context = _on_mesh(mesh, tokens, lengths)
   decoder = Decoder(model, sampling, mode)
-  rows = B if mesh is None else len(lengths)
+  rows = len(lengths)  # B, or B padded to whole rows per device
   with context:
     make_cache = lambda: decoder.init_cache(rows, max_len)
     if mesh is None:
