@@ -66,6 +66,11 @@ class ModelConfig:
   # shared-expert and dense FFN matmul in E4M3 with 1x128 / 128x128 scaling (V3 §3.3); the
   # embedding, output head, router, norms and attention core keep the activation dtype.
   precision: str = 'bf16'
+  # The weights that precision='fp8' multiplies in FP8 (above) stored as E4M3 values with float32
+  # scales, one per column of each 128-row block (`fp8.QuantizedWeight`; a released FP8
+  # checkpoint's blocks, `convert.hf.load_pretrained(keep_fp8=True)`): a quarter of float32's
+  # bytes. Inference only (E4M3 values have no gradient); needs precision='fp8'.
+  fp8_weights: bool = False
   # Pallas kernels (`kernels/`), one switch each: 'pallas' always (interpret mode on CPU; Triton
   # or Mosaic by the platform lowered for, so AOT compilation for a TPU takes the TPU kernel),
   # 'xla' never (the XLA paths), 'auto' where the host and shapes fit: a GPU (FP8: compute
@@ -178,6 +183,11 @@ def _validate(c: ModelConfig) -> None:
   for name in ('mla_decode_kernel', 'fp8_matmul_kernel'):
     if getattr(c, name) not in KERNELS:
       _fail(name, getattr(c, name), f'must be one of {KERNELS}')
+  if c.fp8_weights not in (True, False):
+    _fail('fp8_weights', c.fp8_weights, 'must be True or False')
+  if c.fp8_weights and c.precision != 'fp8':
+    _fail('fp8_weights', c.fp8_weights, f"needs precision='fp8' (got {c.precision!r}): the "
+          'weights kept in E4M3 are multiplied by the FP8 GEMMs')
   if c.precision == 'fp8' and c.moe_matmul == 'ragged_dot':
     _fail('moe_matmul', c.moe_matmul,
           "has no FP8 form; with precision='fp8' use 'blocked' or 'auto'")

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import KERNELS  # the values of ModelConfig.fp8_matmul_kernel
-from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, num_blocks, quantize)
+from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, QuantizedWeight,
+                                    num_blocks, quantize)
 from kernels import fp8_matmul as fp8_kernel
 from kernels import reference
 
@@ -72,16 +73,20 @@ def scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.Array,
   return _dispatch(impl)(x_values, x_scales, w_values, w_scales, accumulate)
 
 
-def matmul(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False, accumulate: str = 'float32',
-           impl: str = 'auto') -> jax.Array:
-  """x [..., I] . w [I, O] -> [..., O] in x's dtype, both operands quantized online to E4M3.
+def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, *, pow2_scale: bool = False,
+           accumulate: str = 'float32', impl: str = 'auto') -> jax.Array:
+  """x [..., I] . w [I, O] -> [..., O] in x's dtype: x quantized online to E4M3 in 1x128 tiles,
+  w in 128x128 blocks, or as it is stored when it is a `QuantizedWeight` (kept E4M3 weights).
 
   Forward only; to train through it use `linear` (same forward, FP8 backward).
   """
   *lead, I = x.shape
   O = w.shape[1]
   x_values, x_scales = quantize(x.reshape(-1, I), ACT_BLOCK, pow2_scale=pow2_scale)
-  w_values, w_scales = quantize(w, WEIGHT_BLOCK, pow2_scale=pow2_scale)
+  if isinstance(w, QuantizedWeight):
+    w_values, w_scales = w
+  else:
+    w_values, w_scales = quantize(w, WEIGHT_BLOCK, pow2_scale=pow2_scale)
   y = scaled_matmul(x_values, x_scales, w_values, w_scales, accumulate=accumulate, impl=impl)
   return y.reshape(*lead, O).astype(x.dtype)
 

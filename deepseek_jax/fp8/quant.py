@@ -13,6 +13,9 @@ padded with zeros inside (zeros do not change any amax); `values` keep the input
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +25,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn; anything above converts to NaN
 ACT_BLOCK = (1, 128)      # activations, tiles along the contraction dim
 WEIGHT_BLOCK = (128, 128)  # weights
 TOKEN_BLOCK = (128, 1)    # activations / output grads for the weight-gradient GEMM
+KEPT_BLOCK = (128, 1)     # weights kept in E4M3 (`QuantizedWeight`): a scale per column of 128 rows
 
 
 def num_blocks(size: int, block: int) -> int:
@@ -72,6 +76,45 @@ def round_trip(x: jax.Array, block: tuple[int, int]) -> jax.Array:
   accumulation order (an E4M3 value times its FP32 scale is exact up to one FP32 rounding)."""
   values, scales = quantize(x, block)
   return dequantize(values, scales, block, x.dtype)
+
+
+class QuantizedWeight(NamedTuple):
+  """A weight kept in E4M3 (`ModelConfig.fp8_weights`), used by the FP8 GEMMs as it is stored.
+
+  values [*lead, *in_dims, *out_dims] float8_e4m3fn, the parameter's own shape;
+  scales [*lead, ceil(I / 128), *out_dims] float32, I = prod(in_dims) the contraction: one scale
+  per column of each 128-row block of the [I, O] matrix the layer multiplies (`KEPT_BLOCK`).
+  A released checkpoint's 128x128 blocks of [O, I] become these by repeating each block's scale
+  over its 128 columns: exactly, also where our parameters cut one of its blocks apart (MLA's
+  q_b_proj rows hold a head's nope and rope parts, 192 to a head in V3). The layers take it
+  where they take a weight array: `shape`, and `reshape(I, O)` to the matrix they multiply.
+  """
+  values: jax.Array
+  scales: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  def reshape(self, rows: int, cols: int = -1) -> 'QuantizedWeight':
+    """The [rows = I, cols = O] matrix (cols -1: the rest); scales [ceil(I / 128), O]."""
+    values = self.values.reshape(rows, cols)
+    return QuantizedWeight(values, self.scales.reshape(-1, values.shape[1]))
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """values x scales in `dtype`, for a [..., I, O] matrix (reshape first)."""
+    return dequantize(self.values, self.scales, KEPT_BLOCK, dtype)
+
+
+def quantize_weight(w: jax.Array, lead: int = 0, in_dims: int = 1) -> QuantizedWeight:
+  """w [*lead, *in_dims, *out_dims] -> its `QuantizedWeight` (scale = amax / 448 per column of
+  each 128-row block of the [*lead, I, O] matrix)."""
+  shape = w.shape
+  I = math.prod(shape[lead:lead + in_dims])
+  out_dims = shape[lead + in_dims:]
+  values, scales = quantize(w.reshape(shape[:lead] + (I, math.prod(out_dims))), KEPT_BLOCK)
+  return QuantizedWeight(values.reshape(shape),
+                         scales.reshape(shape[:lead] + (scales.shape[-2],) + out_dims))
 
 
 def _check(shape: tuple[int, ...], block: tuple[int, int]) -> None:

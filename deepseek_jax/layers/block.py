@@ -33,7 +33,7 @@ class Block(nnx.Module):
       self.ffn = MoE(cfg, rngs)
     else:
       self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std, rngs,
-                        cfg.precision, cfg.fp8_matmul_kernel)
+                        cfg.precision, cfg.fp8_matmul_kernel, cfg.fp8_weights)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: LayerCache | None = None

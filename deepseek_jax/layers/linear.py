@@ -7,6 +7,9 @@ operand last, and when autodiff leaves the transpose to XLA it fuses the produce
 work (SwiGLU, norms) into a strided transpose that costs more than the matmul itself. On the
 tiny config this halves the time of a SwiGLU layer's forward + backward. GPU and TPU compilers
 handle either form; the custom rule costs them nothing.
+
+A weight kept in E4M3 (`fp8.QuantizedWeight`, `ModelConfig.fp8_weights`) goes to the FP8 GEMM
+as it is stored, forward only (inference).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
   with precision='fp8' as the block-scaled FP8 GEMMs of `deepseek_jax.fp8` (forward and both
   gradients), run by `fp8_kernel` ('auto', 'pallas' or 'xla', see `fp8.matmul.kernel_impl`)."""
   K, N = w.shape
+  if isinstance(w, fp8.QuantizedWeight):  # kept E4M3 weights: the FP8 forward, as stored
+    _check_kept(precision)
+    impl = fp8.matmul.kernel_impl(fp8_kernel)
+    return fp8.matmul.matmul(x, w, impl=impl).astype(out_dtype or x.dtype)
   if precision == 'fp8':
     impl = fp8.matmul.kernel_impl(fp8_kernel)
     return fp8.linear(x, w, impl=impl).astype(out_dtype or x.dtype)
@@ -36,6 +43,11 @@ def linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
 def batched_linear(x: jax.Array, w: jax.Array, out_dtype=None, precision: str = 'bf16',
                    fp8_kernel: str = 'auto') -> jax.Array:
   """x [E, Z, I] @ w [E, I, O] -> [E, Z, O] (one product per expert E)."""
+  if isinstance(w, fp8.QuantizedWeight):
+    _check_kept(precision)
+    impl = fp8.matmul.kernel_impl(fp8_kernel)
+    matmul = lambda x, w: fp8.matmul.matmul(x, w, impl=impl)
+    return jax.vmap(matmul)(x, w).astype(out_dtype or x.dtype)
   if precision == 'fp8':
     impl = fp8.matmul.kernel_impl(fp8_kernel)
     return fp8.expert_linear(x, w.astype(x.dtype), impl=impl).astype(out_dtype or x.dtype)
@@ -61,6 +73,12 @@ def _backward(out_dtype, residuals, d_y):
 
 
 _batched_linear.defvjp(_forward, _backward)
+
+
+def _check_kept(precision: str) -> None:
+  if precision != 'fp8':
+    raise ValueError(f"a weight kept in E4M3 (fp8.QuantizedWeight) needs precision='fp8', got "
+                     f'{precision!r}')
 
 
 def transposed(x: jax.Array) -> jax.Array:

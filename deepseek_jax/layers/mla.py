@@ -12,10 +12,12 @@ U is the value head dim. `MLA(x, positions, segment_ids, cache=None)` returns (o
 picks its attention core (`layers/attention.py`) by the cache it is given: none -> the training
 path (`self_attend`: per-head keys formed from c_KV, dense or blockwise by `model.attention`); a
 `LatentLayer` -> the absorbed form over the latent cache; a `NaiveLayer` -> the same per-head
-keys as training, against a materialized cache. Every projection goes through the same `linear` (and so the same precision switch) in all
-three; under precision='fp8' the absorbed form multiplies the FP8-rounded W_UK, W_UV and c_KV
+keys as training, against a materialized cache. Every projection goes through the same `linear`
+(and so the same precision switch) in all three; under precision='fp8' the absorbed form multiplies the FP8-rounded W_UK, W_UV and c_KV
 (`fp8.quant.round_trip`), which is what the uncached path's FP8 GEMMs multiply, so the paths
-agree up to accumulation order.
+agree up to accumulation order. Under `fp8_weights` each projection's weight is kept in E4M3
+with its scales (`fp8.QuantizedWeight`, `<name>_scale`), and the absorbed form multiplies the
+kept W_UK, W_UV times their scales.
 """
 
 from __future__ import annotations
@@ -43,49 +45,62 @@ class MLA(nnx.Module):
                         cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
     std = cfg.init_std
     self.cfg = cfg
+
+    def weight(name, shape, axes, in_dims=1):  # a weight, and its scales when kept in E4M3
+      w, scale = param.linear_weight(rngs, shape, axes, std, cfg.fp8_weights, in_dims=in_dims)
+      setattr(self, name, w)
+      setattr(self, name + '_scale', scale)
+
     if cfg.q_lora_rank is None:
-      self.w_q = param.normal(rngs, (D, N, H), ('embed', 'heads', 'head_dim'), std)
-      self.w_qr = param.normal(rngs, (D, N, R), ('embed', 'heads', 'rope'), std)
+      weight('w_q', (D, N, H), ('embed', 'heads', 'head_dim'))
+      weight('w_qr', (D, N, R), ('embed', 'heads', 'rope'))
     else:
       Q = cfg.q_lora_rank
-      self.w_dq = param.normal(rngs, (D, Q), ('embed', 'q_latent'), std)
+      weight('w_dq', (D, Q), ('embed', 'q_latent'))
       self.q_norm = RMSNorm(Q, LATENT_NORM_EPS)
-      self.w_uq = param.normal(rngs, (Q, N, H), ('q_latent', 'heads', 'head_dim'), std)
-      self.w_qr = param.normal(rngs, (Q, N, R), ('q_latent', 'heads', 'rope'), std)
-    self.w_dkv = param.normal(rngs, (D, C), ('embed', 'kv_latent'), std)
-    self.w_kr = param.normal(rngs, (D, R), ('embed', 'rope'), std)
+      weight('w_uq', (Q, N, H), ('q_latent', 'heads', 'head_dim'))
+      weight('w_qr', (Q, N, R), ('q_latent', 'heads', 'rope'))
+    weight('w_dkv', (D, C), ('embed', 'kv_latent'))
+    weight('w_kr', (D, R), ('embed', 'rope'))
     self.kv_norm = RMSNorm(C, LATENT_NORM_EPS)
-    self.w_uk = param.normal(rngs, (C, N, H), ('kv_latent', 'heads', 'head_dim'), std)
-    self.w_uv = param.normal(rngs, (C, N, U), ('kv_latent', 'heads', 'head_dim'), std)
-    self.w_o = param.normal(rngs, (N, U, D), ('heads', 'head_dim', 'embed'), std)
+    weight('w_uk', (C, N, H), ('kv_latent', 'heads', 'head_dim'))
+    weight('w_uv', (C, N, U), ('kv_latent', 'heads', 'head_dim'))
+    weight('w_o', (N, U, D), ('heads', 'head_dim', 'embed'), in_dims=2)
+
+  def _weight(self, name: str):
+    """The array `linear` multiplies, or the kept E4M3 weight with its scales."""
+    return param.weight(getattr(self, name), getattr(self, name + '_scale'))
 
   def project_query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> q_nope [B, T, N, H], q_rope [B, T, N, R] (rotated)."""
     if self.cfg.q_lora_rank is None:
-      source, w_nope, w_rope = x, self.w_q, self.w_qr
+      source, w_nope, w_rope = x, self._weight('w_q'), self._weight('w_qr')
     else:
-      source = self.q_norm(_linear(x, self.w_dq[...], self.cfg))
-      w_nope, w_rope = self.w_uq, self.w_qr
-    q_nope = _heads_linear(source, w_nope[...], self.cfg)
-    q_rope = _heads_linear(source, w_rope[...], self.cfg)
+      source = self.q_norm(_linear(x, self._weight('w_dq'), self.cfg))
+      w_nope, w_rope = self._weight('w_uq'), self._weight('w_qr')
+    q_nope = _heads_linear(source, w_nope, self.cfg)
+    q_rope = _heads_linear(source, w_rope, self.cfg)
     return q_nope, rope.apply_rope(q_rope, positions, self.cfg)
 
   def compress_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, S, D] -> c_KV [B, S, C] (normed) and k_rope [B, S, R] (rotated): the latent cache."""
-    c_kv = self.kv_norm(_linear(x, self.w_dkv[...], self.cfg))
-    k_rope = _linear(x, self.w_kr[...], self.cfg)
+    c_kv = self.kv_norm(_linear(x, self._weight('w_dkv'), self.cfg))
+    k_rope = _linear(x, self._weight('w_kr'), self.cfg)
     return c_kv, rope.apply_rope(k_rope, positions, self.cfg)
 
   def heads_major(self, dtype) -> HeadsMajor:
     """W_UK [N, C, H] and W_UV [N, C, U] for the absorbed products, as the uncached path's GEMMs
-    see them (FP8-rounded under precision='fp8'); a decode loop makes them once."""
+    see them (FP8-rounded under precision='fp8', the kept values x scales under fp8_weights); a
+    decode loop makes them once."""
     def prepare(w):  # [C, N, H or U] -> [N, C, H or U]
       C, N, width = w.shape
-      if self.cfg.precision == 'fp8':  # as `linear` quantizes it: a [C, N·width] float32 matrix
+      if isinstance(w, fp8.QuantizedWeight):  # exactly what the FP8 GEMM multiplies
+        w = w.reshape(C, N * width).dequantize().reshape(C, N, width)
+      elif self.cfg.precision == 'fp8':  # as `linear` quantizes it: a [C, N·width] float32 matrix
         w = fp8.quant.round_trip(w.reshape(C, N * width).astype(jnp.float32),
                                  fp8.WEIGHT_BLOCK).reshape(C, N, width)
       return jnp.transpose(w.astype(dtype), (1, 0, 2))
-    return HeadsMajor(prepare(self.w_uk[...]), prepare(self.w_uv[...]))
+    return HeadsMajor(prepare(self._weight('w_uk')), prepare(self._weight('w_uv')))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -107,19 +122,19 @@ class MLA(nnx.Module):
                                     scale, self.cfg.mla_decode_kernel)
     else:
       # Per-head keys [q_nope; q_rope].[k_nope; k_rope], the rope key repeated for every head.
-      k_nope = _heads_linear(c_kv, self.w_uk[...], self.cfg)                   # [B, T, N, H]
+      k_nope = _heads_linear(c_kv, self._weight('w_uk'), self.cfg)             # [B, T, N, H]
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3]
                                                     + k_rope.shape[-1:])], axis=-1)
       q = jnp.concatenate([q_nope, q_rope], axis=-1)                           # [B, T, N, H+R]
-      v = _heads_linear(c_kv, self.w_uv[...], self.cfg)                        # [B, T, N, U]
+      v = _heads_linear(c_kv, self._weight('w_uv'), self.cfg)                  # [B, T, N, U]
       if cache is None:
         heads_first = lambda a: a.transpose(0, 2, 1, 3)
         o = heads_first(attention.self_attend(heads_first(q), heads_first(k), heads_first(v),
                                               positions, segment_ids, scale, self.cfg.attention))
       else:
         o, cache = attention.naive(q, k, v, positions, cache, scale)
-    out = checkpoint_name(_linear(o.reshape(B, T, N * U), self.w_o[...].reshape(N * U, -1),
-                                  self.cfg), 'attn_out')
+    w_o = self._weight('w_o').reshape(N * U, -1)  # [N U, D]
+    out = checkpoint_name(_linear(o.reshape(B, T, N * U), w_o, self.cfg), 'attn_out')
     return out, cache
 
 

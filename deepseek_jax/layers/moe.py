@@ -56,11 +56,16 @@ class MoE(nnx.Module):
     self.cfg = cfg
     self.router_kernel = param.normal(rngs, (D, E), ('embed', 'expert'), std)
     self.router_bias = param.router_bias(E) if cfg.use_router_bias else None
-    self.w_gate = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
-    self.w_up = param.normal(rngs, (E, D, F), ('expert', 'embed', 'mlp'), std)
-    self.w_down = param.normal(rngs, (E, F, D), ('expert', 'mlp', 'embed'), std)
+    kept = dict(fp8_weights=cfg.fp8_weights, lead=1)  # E4M3 values + scales, or float32
+    self.w_gate, self.w_gate_scale = param.linear_weight(
+        rngs, (E, D, F), ('expert', 'embed', 'mlp'), std, **kept)
+    self.w_up, self.w_up_scale = param.linear_weight(
+        rngs, (E, D, F), ('expert', 'embed', 'mlp'), std, **kept)
+    self.w_down, self.w_down_scale = param.linear_weight(
+        rngs, (E, F, D), ('expert', 'mlp', 'embed'), std, **kept)
     self.shared_experts = (SwiGLU(D, F * cfg.n_shared_experts, std, rngs, cfg.precision,
-                                  cfg.fp8_matmul_kernel) if cfg.n_shared_experts else None)
+                                  cfg.fp8_matmul_kernel, cfg.fp8_weights)
+                           if cfg.n_shared_experts else None)
 
   def __call__(self, u: jax.Array) -> tuple[jax.Array, MoEStats]:
     """u [B, T, D] -> (routed + shared expert output [B, T, D], statistics)."""
@@ -70,8 +75,9 @@ class MoE(nnx.Module):
     bias = None if self.router_bias is None else self.router_bias[...]
     routing = router.route(tokens, self.router_kernel[...], bias, self.cfg)
     load = router.expert_load(routing.experts, self.cfg.n_routed_experts)
-    weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-               self.w_down[...].astype(dt))
+    weights = (param.weight(self.w_gate, self.w_gate_scale, dt),
+               param.weight(self.w_up, self.w_up_scale, dt),
+               param.weight(self.w_down, self.w_down_scale, dt))
     mesh = expert_parallel.ambient_mesh()
     if mesh is not None:  # several devices: dispatch in shard_map (all-to-all over experts)
       out = expert_parallel.moe_ep(u, routing.experts, routing.gates, *weights, mesh, self.cfg)
