@@ -2,6 +2,7 @@
 
   python -m experiments.eval --workdir=runs/tiny | --hf=DIR [--data.path=FILES] [--seq_len=512]
                              [--batch_size=8] [--max_batches=0] [--mesh=DATA,EXPERT,PLANE --fsdp]
+                             [--keep_fp8]
 
 Every document of `--data.path` (a file, a directory of *.txt or a glob; default the embedded
 corpus's held-out split, the one `experiments.run` evaluates on) is tokenized with the model's own
@@ -9,6 +10,8 @@ tokenizer and cut into windows of `--seq_len` + 1 tokens, `--batch_size` windows
 weights are read straight onto the mesh (experts over expert x plane, every weight over data with
 --fsdp) and each batch is split over its three axes. Prints one JSON line: eval_loss (nats per
 token), eval_bpb, tokens, tokens_per_s (after compilation), compile_s, the checkpoint and mesh.
+--keep_fp8 keeps the weights that precision='fp8' multiplies in E4M3 (a released FP8
+checkpoint's own blocks; a workdir's weights quantized), and evaluates in FP8.
 Several processes run the same command with `experiments/distributed.py`'s flags
 (--coordinator_address, --num_processes, --process_id): each reads its own blocks of the weights
 and its own rows of every batch; process 0 prints.
@@ -32,6 +35,8 @@ _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Evaluate at most this man
 _MESH = flags.DEFINE_list('mesh', ['1', '1', '1'], 'data,expert,plane (-1 for data: the '
                           'devices left).')
 _FSDP = flags.DEFINE_bool('fsdp', False, 'Also split every weight over data.')
+_KEEP_FP8 = flags.DEFINE_bool('keep_fp8', False, "Keep the FP8 weights in E4M3 and run "
+                              "precision='fp8' (ModelConfig.fp8_weights).")
 
 
 def documents(path: str):
@@ -42,7 +47,7 @@ def documents(path: str):
 
 
 def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_batches: int,
-             mesh_sizes, fsdp: bool) -> dict:
+             mesh_sizes, fsdp: bool, keep_fp8: bool = False) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from deepseek_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from deepseek_jax import sharding  # pylint: disable=import-outside-toplevel
@@ -56,7 +61,8 @@ def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_bat
     raise ValueError(f'--mesh={",".join(mesh_sizes)}: expected three integer sizes '
                      'data,expert,plane') from None
   mesh = sharding.make_mesh(data, expert, plane)
-  loaded = load.load(source, mesh=mesh, rules=sharding.rules(fsdp), progress=True)
+  loaded = load.load(source, mesh=mesh, rules=sharding.rules(fsdp), keep_fp8=keep_fp8,
+                     progress=True)
   if seq_len > loaded.cfg.max_position_embeddings:
     raise ValueError(f'--seq_len={seq_len} exceeds the model\'s max_position_embeddings='
                      f'{loaded.cfg.max_position_embeddings}')
@@ -79,7 +85,8 @@ def evaluate(source: str, data_path: str, seq_len: int, batch_size: int, max_bat
     seconds = time.perf_counter() - start
   count = len(batches) * batch_size * seq_len
   return dict(metrics, tokens=count, tokens_per_s=count / seconds, compile_s=compile_s,
-              eval_s=seconds, checkpoint=loaded.source, mesh=dict(mesh.shape), fsdp=fsdp)
+              eval_s=seconds, checkpoint=loaded.source, mesh=dict(mesh.shape), fsdp=fsdp,
+              fp8_weights=loaded.cfg.fp8_weights)
 
 
 def main(argv):
@@ -91,7 +98,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel  (after jax.distributed)
   try:
     result = evaluate(_WORKDIR.value or _HF.value, _DATA.value, _SEQ_LEN.value, _BATCH.value,
-                      _MAX_BATCHES.value, _MESH.value, _FSDP.value)
+                      _MAX_BATCHES.value, _MESH.value, _FSDP.value, _KEEP_FP8.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   if jax.process_index() == 0:

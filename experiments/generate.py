@@ -3,14 +3,16 @@
   python -m experiments.generate --workdir=runs/tiny --prompt="The " --max_new_tokens=128
                                  [--speculative] [--temperature=0] [--top_k=0] [--top_p=1]
                                  [--mode=absorbed|naive] [--max_len=...] [--seed=0]
-                                 [--mesh=DATA,EXPERT,PLANE [--fsdp]]
+                                 [--mesh=DATA,EXPERT,PLANE [--fsdp]] [--keep_fp8]
 
 Prints each prompt with its continuation, then one line of JSON: tokens_per_s, new_tokens,
 acceptance_rate (null without --speculative), cache_bytes_per_token and the timings.
 With --mesh the weights are read straight onto a (data, expert, plane) mesh of the visible
 devices (experts over expert x plane as in training, every weight over data with --fsdp) and the
 batch and its cache are split over all three axes; several processes run the same command with
-`experiments/distributed.py`'s flags (process 0 prints).
+`experiments/distributed.py`'s flags (process 0 prints). --keep_fp8 keeps the weights that
+precision='fp8' multiplies in E4M3 (a released FP8 checkpoint's own blocks; a workdir's weights
+quantized) and decodes in FP8.
 """
 
 import json
@@ -39,6 +41,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _MESH = flags.DEFINE_list('mesh', None, 'data,expert,plane: shard the weights over this mesh '
                           '(-1 for data: the devices left); default one device.')
 _FSDP = flags.DEFINE_bool('fsdp', False, 'With --mesh, also split every weight over data.')
+_KEEP_FP8 = flags.DEFINE_bool('keep_fp8', False, "Keep the FP8 weights in E4M3 and run "
+                              "precision='fp8' (ModelConfig.fp8_weights).")
 
 
 def mesh_from_flags():
@@ -63,7 +67,8 @@ def main(argv):
     mesh, rules = mesh_from_flags()
     if mesh is not None and _SPECULATIVE.value:
       raise ValueError('--speculative runs on one device: drop --mesh')
-    loaded = load.load(_WORKDIR.value, mesh=mesh, rules=rules, progress=True)
+    loaded = load.load(_WORKDIR.value, mesh=mesh, rules=rules, keep_fp8=_KEEP_FP8.value,
+                       progress=True)
     prompts = [loaded.tokenizer.encode(text) for text in _PROMPT.value]
     options = dict(sampling=config, mode=_MODE.value, max_len=_MAX_LEN.value, seed=_SEED.value)
     if _SPECULATIVE.value:

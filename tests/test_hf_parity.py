@@ -155,17 +155,17 @@ def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
   return (w / expanded).to(torch.float8_e4m3fn), scale.float()
 
 
-def test_fp8_checkpoint(tmp_path):
-  # D 160 and F 272 / 144 make several blocks with ragged edges
-  model = hf_model(seed=2, hidden_size=160, intermediate_size=272, moe_intermediate_size=144,
-                   q_lora_rank=136, kv_lora_rank=40)
-  model.save_pretrained(tmp_path, max_shard_size='600KB')
+def write_fp8(model, directory: pathlib.Path, quantized=lambda name, w: 'embed_tokens' not in name,
+              max_shard_size: str = '600KB') -> dict[str, torch.Tensor]:
+  """`model` saved with every 2-D weight that `quantized(name, w)` picks in FP8 (`quantize_fp8`,
+  with its `_scale_inv`); returns those weights dequantized, in float32, by name."""
+  model.save_pretrained(directory, max_shard_size=max_shard_size)
   dequantized = {}
 
   def to_fp8(tensors):
     out = {}
     for name, w in tensors.items():
-      if w.ndim == 2 and 'embed_tokens' not in name:  # every linear weight, the head included
+      if w.ndim == 2 and quantized(name, w):
         q, scale = quantize_fp8(w)
         out[name], out[name + '_scale_inv'] = q, scale
         dequantized[name] = q.float() * scale.repeat_interleave(128, 0).repeat_interleave(
@@ -174,11 +174,12 @@ def test_fp8_checkpoint(tmp_path):
         out[name] = w
     return out
 
-  rewrite(tmp_path, to_fp8)
-  stored = convert.safetensors_io.Checkpoint(tmp_path)
-  assert stored.dtype('model.layers.1.self_attn.q_b_proj.weight') == convert.FP8
-  assert len(dequantized) > 20 and any(w.shape[1] > 128 for w in dequantized.values())
-  # HF runs on the dequantized weights (its state dict holds experts fused: rebuild them)
+  rewrite(directory, to_fp8)
+  return dequantized
+
+
+def load_dequantized_(model, dequantized: dict[str, torch.Tensor]) -> None:
+  """Puts the dequantized weights into the HF model (whose state dict holds experts fused)."""
   state = model.state_dict()
   for name, w in dequantized.items():
     if '.experts.' in name:
@@ -193,6 +194,17 @@ def test_fp8_checkpoint(tmp_path):
     else:
       state[name] = w
   model.load_state_dict(state)
+
+
+def test_fp8_checkpoint(tmp_path):
+  # D 160 and F 272 / 144 make several blocks with ragged edges
+  model = hf_model(seed=2, hidden_size=160, intermediate_size=272, moe_intermediate_size=144,
+                   q_lora_rank=136, kv_lora_rank=40)
+  dequantized = write_fp8(model, tmp_path)  # every linear weight, the head included
+  stored = convert.safetensors_io.Checkpoint(tmp_path)
+  assert stored.dtype('model.layers.1.self_attn.q_b_proj.weight') == convert.FP8
+  assert len(dequantized) > 20 and any(w.shape[1] > 128 for w in dequantized.values())
+  load_dequantized_(model, dequantized)  # HF runs on the dequantized weights
   delta = max_delta(model, tmp_path, tokens_for(BASE['vocab_size'], seed=2))
   print(f'fp8: max |dlogit| = {delta:.2e}')
   assert delta <= TOL

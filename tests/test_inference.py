@@ -87,16 +87,23 @@ def test_absorbed_naive_and_recompute_give_the_same_logits(case):
   assert np.array_equal(decode.generate(model, prompts, STEPS).tokens, absorbed_tokens)
 
 
-def test_fp8_model_decodes_with_its_uncached_logits():
+@pytest.mark.parametrize('fp8_weights', [False, True])
+def test_fp8_model_decodes_with_its_uncached_logits(fp8_weights):
   """Every projection in FP8 (V3 §3.3). The absorbed path multiplies the FP8-rounded W_UK, W_UV
   and c_KV that the uncached path's GEMMs multiply, so it gives the uncached logits up to
   accumulation order: measured 1.2e-6 at the median step. FP8 rounding is a step function,
   though: where a value sits on a rounding boundary, an accumulation-order difference of 1e-7
   moves it one E4M3 step (~6%), and once that happens in a cached entry every later step of that
   sequence differs (here one sequence from step 5 on, by at most 3.8% of the logit scale).
-  Without the FP8 rounding in the absorbed path the median step is off by 0.50 (10%)."""
+  Without the FP8 rounding in the absorbed path the median step is off by 0.50 (10%).
+  `fp8_weights`: the same with every such weight kept in E4M3 (`load.quantize_weights`), whose
+  absorbed path multiplies the kept W_UK, W_UV times their scales."""
   cfg = tiny_config(precision='fp8')
   model = random_model(cfg, seed=1)
+  if fp8_weights:
+    model = load.quantize_weights(model)
+    assert model.cfg.fp8_weights
+    assert model.moe_layers.ffn.w_up.get_value().dtype == jnp.float8_e4m3fn
   prompts = prompts_for(cfg)
   absorbed_tokens, absorbed_logits = stepwise(model, prompts, 'absorbed')
   _, naive_logits = stepwise(model, prompts, 'naive', forced=absorbed_tokens)

@@ -47,7 +47,12 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
 
 def check_exportable(cfg: ModelConfig) -> None:
   """HF's DeepseekV3 routes with sigmoid scores and the bias (`noaux_tc`) and nothing else, so a
-  model with MoE layers that routes otherwise has no HF equivalent: a ValueError names the field."""
+  model with MoE layers that routes otherwise has no HF equivalent: a ValueError names the field.
+  A model keeping its weights in E4M3 (`fp8_weights`) is refused too: export the checkpoint it
+  was loaded from as it is, or load it with keep_fp8=False."""
+  if cfg.fp8_weights:
+    raise ValueError('ModelConfig.fp8_weights=True: the export writes float parameters (and '
+                     'quantizes them itself with fp8=True); load the model with keep_fp8=False')
   if cfg.num_moe_layers == 0 and cfg.mtp_depth == 0:
     return  # no router anywhere
   if cfg.scoring_func != 'sigmoid':

@@ -6,7 +6,7 @@ where it goes and how it is reshaped; `load_pretrained` checks the whole plan ag
 headers (missing, unknown, wrong shape) before it reads a byte, then creates each parameter with
 its sharding from the blocks this process's devices hold, reading from the memory-mapped files
 only those blocks (`jax.make_array_from_single_device_arrays`), dequantizing FP8 weights (128x128
-`weight_scale_inv` blocks) on the way.
+`weight_scale_inv` blocks) on the way, or keeping them in E4M3 with their scales (`keep_fp8`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from deepseek_jax import fp8
 from deepseek_jax import model as model_lib
 from deepseek_jax import sharding as sharding_lib
 from deepseek_jax.config import ModelConfig
@@ -173,6 +174,9 @@ class Rule(typing.NamedTuple):
   sources: dict[str, tuple[int, ...]]  # HF tensor name -> expected shape
   targets: tuple[Path, ...]
   convert: typing.Callable[..., tuple[np.ndarray, ...]]  # sources in order -> targets in order
+  # For weights kept in FP8: their scales, one per source row (`_kept_scale_rules`), -> the
+  # targets' `_scale`s. None: `convert` itself, right wherever the input dim stays one axis.
+  scale_convert: typing.Callable[..., tuple[np.ndarray, ...]] | None = None
 
 
 def _linear(name: str, out_dim: int, in_dim: int, target: Path) -> Rule:
@@ -209,9 +213,10 @@ def _attention(cfg: ModelConfig, hf: str, ours: Path) -> list[Rule]:
       _as_is(f'{hf}.kv_a_layernorm.weight', (C,), ours + ('kv_norm', 'weight')),
       Rule({f'{hf}.kv_b_proj.weight': (N * (H + U), C)}, (ours + ('w_uk',), ours + ('w_uv',)),
            lambda w: _split_heads(w, N, (H, U))),  # each head's rows: H key dims, then U values
-      # columns head-major (n * U + u) -> [N, U, D]
+      # columns head-major (n * U + u) -> [N, U, D]; kept in FP8, the scales of its 128-column
+      # blocks of N U go [ceil(N U / 128), D]
       Rule({f'{hf}.o_proj.weight': (D, N * U)}, (ours + ('w_o',),),
-           lambda w: (w.reshape(D, N, U).transpose(1, 2, 0),)),
+           lambda w: (w.reshape(D, N, U).transpose(1, 2, 0),), lambda scale: (scale.T,)),
   ]
 
 
@@ -361,22 +366,69 @@ class _Piece(typing.NamedTuple):
 
 class _Sources:
   """The checkpoint's tensors as the rules' `convert` sees them: memory maps, except FP8
-  weights, which are dequantized whole (one tensor at a time; the last few are kept, since
-  every local shard of a split parameter reads the same one)."""
+  weights, which are dequantized whole (one tensor at a time; the last few are cached, since
+  every local shard of a split parameter reads the same one). The FP8 weights named in `kept`
+  stay memory-mapped E4M3, and their `_scale_inv` come with each block's scale repeated over its
+  rows ([out, in / block]), which the rules then cut as they cut the weight."""
 
-  def __init__(self, ckpt: safetensors_io.Checkpoint, block: tuple[int, int], keep: int = 2):
-    self.ckpt, self.block, self.keep = ckpt, block, keep
-    self._dequantized: dict[str, np.ndarray] = {}
+  def __init__(self, ckpt: safetensors_io.Checkpoint, block: tuple[int, int],
+               kept: frozenset[str] = frozenset(), cached: int = 2):
+    self.ckpt, self.block, self.kept, self.cached = ckpt, block, kept, cached
+    self._made: dict[str, np.ndarray] = {}
 
   def __call__(self, name: str) -> np.ndarray:
     w = self.ckpt.get(name)
+    if name in self.kept:
+      return w
+    if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in self.kept:
+      rows = self.ckpt.shape(name[:-len(SCALE_SUFFIX)])[-2]
+      return self._cache(name, lambda: np.repeat(np.asarray(w, np.float32), self.block[0],
+                                                 axis=-2)[..., :rows, :])
     if w.dtype != FP8:
       return w
-    if name not in self._dequantized:
-      if len(self._dequantized) >= self.keep:
-        self._dequantized.pop(next(iter(self._dequantized)))
-      self._dequantized[name] = dequantize(w, self.ckpt.get(name + SCALE_SUFFIX), self.block, name)
-    return self._dequantized[name]
+    return self._cache(name, lambda: dequantize(w, self.ckpt.get(name + SCALE_SUFFIX), self.block,
+                                                name))
+
+  def _cache(self, name: str, make) -> np.ndarray:
+    if name not in self._made:
+      if len(self._made) >= self.cached:
+        self._made.pop(next(iter(self._made)))
+      self._made[name] = make()
+    return self._made[name]
+
+
+def _scale_target(target: Path) -> Path:
+  """The `_scale` sibling of a plan target (row j of it for a routed expert's row j)."""
+  if isinstance(target[-1], int):
+    return target[:-2] + (target[-2] + '_scale', target[-1])
+  return target[:-1] + (target[-1] + '_scale',)
+
+
+def _kept_scale_rules(cfg: ModelConfig, plan: list[Rule], leaves: dict,
+                      ckpt: safetensors_io.Checkpoint, block: tuple[int, int],
+                      where: str) -> tuple[list[Rule], frozenset[str]]:
+  """For a model with `fp8_weights`: the rules filling the `_scale` of every weight kept in E4M3,
+  and the checkpoint tensors those weights come from (which must be FP8)."""
+  if block[1] != fp8.quant.KEPT_BLOCK[0]:
+    raise ValueError(f'{where}: keep_fp8 needs weight_block_size [*, {fp8.quant.KEPT_BLOCK[0]}] '
+                     f'(the FP8 GEMM scales {fp8.quant.KEPT_BLOCK[0]} input rows at a time), got '
+                     f'{list(block)}')
+  rules, kept = [], set()
+  for rule in plan:
+    targets = tuple(_scale_target(t) for t in rule.targets)
+    if target_location(cfg, targets[0])[0] not in leaves:
+      continue  # not kept in FP8 (embedding, head, router, norms, eh_proj)
+    for name in rule.sources:
+      if ckpt.dtype(name) != FP8:
+        raise ValueError(f'{where}: keep_fp8: tensor {name!r} ({ckpt.file_of(name)}) is '
+                         f'{ckpt.dtype(name)}, not FP8 with a {SCALE_SUFFIX}; keeping weights in '
+                         'FP8 needs a checkpoint quantized as DeepSeek-V3 is released '
+                         '(or load with keep_fp8=False)')
+    kept.update(rule.sources)
+    sources = {name + SCALE_SUFFIX: scale_shape(shape, block)
+               for name, shape in rule.sources.items()}
+    rules.append(Rule(sources, targets, rule.scale_convert or rule.convert))
+  return rules, frozenset(kept)
 
 
 def target_location(cfg: ModelConfig, target: Path) -> tuple[Path, tuple[int, ...]]:
@@ -442,7 +494,7 @@ def _fill(path: Path, shape: tuple[int, ...], dtype, bounds: tuple[tuple[int, in
 
 
 def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
-                    scan_layers: bool = True, param_dtype=jnp.float32,
+                    scan_layers: bool = True, param_dtype=jnp.float32, keep_fp8: bool = False,
                     progress: bool = False) -> tuple[ModelConfig, model_lib.DeepSeekV3]:
   """Loads a `save_pretrained` directory of DeepseekV3ForCausalLM (FP8 or not), without
   initialising the model.
@@ -455,6 +507,12 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   Floating parameters become `param_dtype` (float32 to train, bfloat16 to serve); router biases
   stay float32. The decoder layers come stacked (`ModelConfig.scan_layers`) unless
   `scan_layers=False`. `progress` shows a bar over the parameters' bytes.
+
+  `keep_fp8`: the weights that precision='fp8' multiplies in FP8 (MLA's projections, the FFNs'
+  and experts') stay the checkpoint's E4M3 values, each with its block scales repeated per column
+  (`fp8.QuantizedWeight`): the model comes with `precision='fp8'` and `fp8_weights=True`, for
+  inference, in a quarter of float32's bytes. Those tensors must be FP8 in the checkpoint; any
+  other FP8 tensor is dequantized as usual.
   """
   directory = pathlib.Path(path)
   if not (directory / 'config.json').is_file():
@@ -465,12 +523,18 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   names = ckpt.names()
   cfg = config_from_hf(hf, mtp_depth=mtp_layers_in(names, hf['num_hidden_layers']))
   cfg = cfg.replace(scan_layers=scan_layers)
+  if keep_fp8:
+    cfg = cfg.replace(precision='fp8', fp8_weights=True)
   block = _fp8_block(hf.get('quantization_config'))
   plan, copies = tensor_plan(cfg, names)
   _check(ckpt, plan, copies, block, str(directory))
 
   graphdef, state = nnx.split(model_lib.abstract(cfg))
   leaves = dict(nnx.to_flat_state(state))
+  kept = frozenset()
+  if keep_fp8:
+    scale_rules, kept = _kept_scale_rules(cfg, plan, leaves, ckpt, block, str(directory))
+    plan = plan + scale_rules
   pieces = _pieces(cfg, plan, leaves)
   if mesh is not None:  # a mesh axis splits at most one dimension of a parameter
     shardings = {p: s.get_value() for p, s in nnx.to_flat_state(
@@ -478,10 +542,11 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
   else:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = {p: one for p in leaves}
-  sources = _Sources(ckpt, block)
-  dtypes = {p: (jnp.dtype(param_dtype)
-                if isinstance(v, nnx.Param) and jnp.issubdtype(v.get_value().dtype, jnp.floating)
-                else v.get_value().dtype) for p, v in leaves.items()}
+  sources = _Sources(ckpt, block, kept)
+  rounded = lambda v: (isinstance(v, nnx.Param) and v.get_value().dtype != FP8  # kept E4M3 stays
+                       and jnp.issubdtype(v.get_value().dtype, jnp.floating))
+  dtypes = {p: jnp.dtype(param_dtype) if rounded(v) else v.get_value().dtype
+            for p, v in leaves.items()}
   total = sum(math.prod(v.get_value().shape) * dtypes[p].itemsize for p, v in leaves.items())
   bar = tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='load_pretrained',
                   disable=not progress)
