@@ -1,7 +1,7 @@
 """Importing (and exporting) a Hugging Face checkpoint at scale: seconds, GB/s, peak host memory.
 
   python -m experiments.bench_checkpoint [--dir=/tmp/deepseek_jax_bench_checkpoint] [--gb=3]
-                                         [--processes=1,2] [--keep]
+                                         [--processes=1,2] [--keep] [--fp8]
 
 Writes a synthetic checkpoint with DeepSeek-V2-Lite's widths and V3's router (random BF16, the
 released tensor names, one file per ~1 GB) and as many layers as make about `--gb` GB, then imports it with
@@ -13,6 +13,10 @@ reports its seconds and its peak resident memory above its resident memory just 
 the largest tensor. Then it exports the one-process import back (`convert.export`) and reports
 the same. The files are read from the page cache (just written), so the figures are the
 importer's and the exporter's own work, not the disk's. Prints a table, then one JSON line.
+
+--fp8 writes the tensors DeepSeek-V3 releases in FP8 as E4M3 with 128x128 `weight_scale_inv`
+(the rest BF16; `--gb` then counts those bytes) and imports with `keep_fp8=True`: the kept
+weights stay the checkpoint's E4M3 bytes (no export: a kept model does not export).
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ import ml_dtypes
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.convert import hf, safetensors_io
+from deepseek_jax.convert import export, hf, safetensors_io
 from experiments.configs import deepseek_v2_lite
 
 _DIR = flags.DEFINE_string('dir', '/tmp/deepseek_jax_bench_checkpoint', 'Scratch directory.')
 _GB = flags.DEFINE_float('gb', 3.0, 'Approximate checkpoint size in GB (1e9 bytes).')
 _PROCESSES = flags.DEFINE_list('processes', ['1', '2'], 'Process counts to import with.')
 _KEEP = flags.DEFINE_bool('keep', False, 'Keep the checkpoint and the export afterwards.')
+_FP8 = flags.DEFINE_bool('fp8', False, 'An FP8 checkpoint (as V3 is released), imported with '
+                         'keep_fp8=True.')
 
 SHARD_BYTES = 10**9
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,26 +56,42 @@ def _tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return {name: shape for rule in plan for name, shape in rule.sources.items()}
 
 
-def bench_config(gb: float) -> ModelConfig:
-  """V2-Lite's widths with the number of layers whose BF16 tensors come closest to `gb` GB."""
+def _nbytes(name: str, shape: tuple[int, ...], fp8: bool) -> int:
+  """A tensor's bytes in the file: E4M3 plus its float32 scales, or BF16."""
+  if fp8 and export.quantized(name, shape):
+    return math.prod(shape) + 4 * math.prod(hf.scale_shape(shape, export.FP8_BLOCK))
+  return 2 * math.prod(shape)
+
+
+def bench_config(gb: float, fp8: bool = False) -> ModelConfig:
+  """V2-Lite's widths with the number of layers whose tensors come closest to `gb` GB."""
   # V3's router (sigmoid with the bias; one more [E] tensor per layer), which HF's DeepseekV3
   # and so the export can express
   cfg = ModelConfig.from_dict(deepseek_v2_lite.get_config().model.to_dict()).replace(
       mtp_depth=0, scoring_func='sigmoid', use_router_bias=True, norm_topk_prob=True)
-  size = lambda layers: 2 * sum(math.prod(s) for s in _tensors(
-      cfg.replace(num_layers=layers)).values())
+  size = lambda layers: sum(_nbytes(n, s, fp8) for n, s in _tensors(
+      cfg.replace(num_layers=layers)).items())
   layers = min(range(cfg.first_k_dense + 1, cfg.num_layers + 1),
                key=lambda n: abs(size(n) - gb * 1e9))
   return cfg.replace(num_layers=layers)
 
 
-def write_checkpoint(cfg: ModelConfig, directory: pathlib.Path) -> dict:
-  """Random BF16 tensors (std 0.02) in files of ~1 GB with an index; one file in memory at once."""
+def _random(name: str, shape: tuple[int, ...], fp8: bool, rng) -> dict[str, np.ndarray]:
+  """One tensor ~ N(0, 0.02): BF16, or E4M3 with its `_scale_inv` (with `fp8`, where V3 is)."""
+  w = 0.02 * rng.standard_normal(shape, np.float32)
+  if fp8 and export.quantized(name, shape):
+    values, scales = export.quantize_fp8(w)
+    return {name: values, name + hf.SCALE_SUFFIX: scales}
+  return {name: w.astype(ml_dtypes.bfloat16)}
+
+
+def write_checkpoint(cfg: ModelConfig, directory: pathlib.Path, fp8: bool = False) -> dict:
+  """Random tensors (std 0.02) in files of ~1 GB with an index; one file in memory at once."""
   directory.mkdir(parents=True)
   tensors = _tensors(cfg)
   files, current, size = [], [], 0
   for name, shape in tensors.items():
-    nbytes = 2 * math.prod(shape)
+    nbytes = _nbytes(name, shape, fp8)
     if current and size + nbytes > SHARD_BYTES:
       files.append(current)
       current, size = [], 0
@@ -80,16 +102,15 @@ def write_checkpoint(cfg: ModelConfig, directory: pathlib.Path) -> dict:
   weight_map, total = {}, 0
   for k, names in enumerate(files):
     file_name = f'model-{k + 1:05d}-of-{len(files):05d}.safetensors'
-    arrays = {n: (0.02 * rng.standard_normal(tensors[n], np.float32)).astype(ml_dtypes.bfloat16)
-              for n in names}
+    arrays = {k: v for n in names for k, v in _random(n, tensors[n], fp8, rng).items()}
     safetensors_io.write_file(directory / file_name, arrays, {'format': 'pt'})
     total += sum(a.nbytes for a in arrays.values())
-    weight_map.update({n: file_name for n in names})
+    weight_map.update({n: file_name for n in arrays})
     del arrays
   (directory / safetensors_io.INDEX_FILE).write_text(json.dumps(
       {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=1))
-  (directory / 'config.json').write_text(json.dumps(hf.config_to_hf(cfg), indent=1))
-  largest = max(2 * math.prod(s) for s in tensors.values())
+  (directory / 'config.json').write_text(json.dumps(export.hf_config(cfg, fp8), indent=1))
+  largest = max(_nbytes(n, s, fp8) for n, s in tensors.items())
   return {'bytes': total, 'files': len(files), 'tensors': len(tensors), 'largest_tensor': largest,
           'layers': cfg.num_layers}
 
@@ -112,7 +133,8 @@ def _reset_peak() -> bool:
     return False
 
 
-def worker(checkpoint: str, process: int, processes: int, address: str, export_to: str):
+def worker(checkpoint: str, process: int, processes: int, address: str, export_to: str,
+           keep_fp8: bool = False):
   """Runs in a child process: import (and, when `export_to`, export), then one JSON line."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -125,7 +147,7 @@ def worker(checkpoint: str, process: int, processes: int, address: str, export_t
   base, reset = _memory()['VmRSS'], _reset_peak()
   start = time.perf_counter()
   _, model = hf.load_pretrained(checkpoint, mesh=mesh, rules=sharding.rules(),
-                                param_dtype=jnp.bfloat16)
+                                param_dtype=jnp.bfloat16, keep_fp8=keep_fp8)
   leaves = jax.tree.leaves(model)
   jax.block_until_ready(leaves)
   seconds = time.perf_counter() - start
@@ -134,7 +156,6 @@ def worker(checkpoint: str, process: int, processes: int, address: str, export_t
   report = {'process': process, 'import_s': seconds, 'held_bytes': held,
             'import_peak_above_base': _memory()['VmHWM'] - base, 'peak_reset': reset}
   if export_to:
-    from deepseek_jax.convert import export  # pylint: disable=import-outside-toplevel
     base, _ = _memory()['VmRSS'], _reset_peak()
     start = time.perf_counter()
     export.save_pretrained(model, export_to, max_shard_bytes=SHARD_BYTES, progress=False)
@@ -149,14 +170,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(checkpoint: pathlib.Path, processes: int, export_to: str = '') -> list[dict]:
+def run_processes(checkpoint: pathlib.Path, processes: int, export_to: str = '',
+                  keep_fp8: bool = False) -> list[dict]:
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
   address = f'127.0.0.1:{_free_port()}'
   code = ('import sys; from experiments import bench_checkpoint as b; '
-          'b.worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])')
+          'b.worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], '
+          'sys.argv[6] == "1")')
   children = [subprocess.Popen(
-      [sys.executable, '-c', code, str(checkpoint), str(i), str(processes), address, export_to],
+      [sys.executable, '-c', code, str(checkpoint), str(i), str(processes), address, export_to,
+       str(int(keep_fp8))],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(processes)]
   reports = []
@@ -173,18 +197,20 @@ def main(argv):
   scratch = pathlib.Path(_DIR.value)
   if scratch.exists():
     shutil.rmtree(scratch)
-  cfg = bench_config(_GB.value)
+  fp8 = _FP8.value
+  cfg = bench_config(_GB.value, fp8)
   start = time.perf_counter()
-  info = write_checkpoint(cfg, scratch / 'hf')
-  info['write_s'] = time.perf_counter() - start
+  info = write_checkpoint(cfg, scratch / 'hf', fp8)
+  info.update(write_s=time.perf_counter() - start, fp8=fp8)
   gb = info['bytes'] / 1e9
-  print(f"checkpoint: V2-Lite widths, {info['layers']} layers, {info['tensors']} tensors, "
+  print(f"checkpoint{' (FP8, imported kept)' if fp8 else ''}: V2-Lite widths, "
+        f"{info['layers']} layers, {info['tensors']} tensors, "
         f"{gb:.2f} GB in {info['files']} files (largest tensor {info['largest_tensor'] / 1e9:.2f}"
         f" GB), written in {info['write_s']:.1f} s")
   rows = []
   for p in sorted(int(p) for p in _PROCESSES.value):
-    export_to = str(scratch / 'export') if p == 1 else ''
-    reports = run_processes(scratch / 'hf', p, export_to)
+    export_to = str(scratch / 'export') if p == 1 and not fp8 else ''
+    reports = run_processes(scratch / 'hf', p, export_to, fp8)
     target = info['bytes'] / p * 1.3 + info['largest_tensor']
     seconds = max(r['import_s'] for r in reports)
     for r in reports:
