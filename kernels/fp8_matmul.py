@@ -113,7 +113,7 @@ def _triton(a_values, a_scales, b_values, b_scales, out_dtype, *, block_m, block
   b_scales = tiles.pad_to(b_scales, (Kb, Np))
   out = pl.pallas_call(
       functools.partial(_kernel, num_k_blocks=Kb),
-      out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+      out_shape=tiles.out_struct((Mp, Np), out_dtype, a_values, a_scales, b_values, b_scales),
       grid=(Mp // block_m, Np // block_n),
       in_specs=[
           pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),  # a: the tile's rows, all of I

@@ -93,7 +93,7 @@ def matmul(a_values: jax.Array, a_scales: jax.Array, b_values: jax.Array, b_scal
   b_scales = tiles.pad_to(b_scales, (Kbp, Np))
   out = pl.pallas_call(
       functools.partial(_kernel, native_fp8=native_fp8),
-      out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+      out_shape=tiles.out_struct((Mp, Np), out_dtype, a_values, a_scales, b_values, b_scales),
       grid=(Mp // block_m, Np // block_n, Kp // block_k),
       in_specs=[
           pl.BlockSpec((block_m, block_k), lambda i, j, k: (i, k)),  # a tile, FP8

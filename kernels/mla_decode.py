@@ -36,13 +36,14 @@ so no PTX was built and the speed is unknown (`bench_kernels`).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import mla_decode_tpu, platform
+from kernels import mla_decode_tpu, platform, tiles
 
 KERNEL_CHOICES = ('auto', 'pallas', 'xla')
 BACKENDS = platform.BACKENDS
@@ -134,8 +135,30 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: 
   args = (q_latent, q_rope, c_kv, k_rope, lengths)
   options = dict(scale=scale, block_table=block_table, block_rows=block_rows, block_s=block_s,
                  num_splits=num_splits)
-  return platform.dispatch(backend, interpret, functools.partial(_triton, *args, **options),
-                           functools.partial(_mosaic_tpu, *args, **options))
+  axes = platform.partitioned_axes()
+  if axes and block_table is not None:
+    raise ValueError(f'mla_decode: a paged cache on a mesh partitioned over {axes} is not '
+                     'supported (each device would need the whole pool)')
+  if not splits_batch(B):
+    raise ValueError(f'mla_decode: batch {B} does not split evenly over the mesh axes {axes}')
+
+  def per_device(kernel):  # compiled kernels run per device, on its rows of the batch
+    def run(interpret):
+      call = functools.partial(kernel, interpret=interpret, **options)
+      if not axes or interpret:  # no mesh to split; interpreted kernels are plain XLA ops
+        return call(*args)
+      rows = jax.sharding.PartitionSpec(axes)  # every mesh axis manual: Mosaic insists
+      return jax.shard_map(call, in_specs=(rows,) * len(args), out_specs=(rows, rows))(*args)
+    return run
+
+  return platform.dispatch(backend, interpret, per_device(_triton), per_device(_mosaic_tpu))
+
+
+def splits_batch(batch: int) -> bool:
+  """Whether `mla_decode` can run here on a batch of this size: on one device, or on a mesh whose
+  partitioned axes (`platform.partitioned_axes`) divide it, one block of rows per device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not batch % math.prod(mesh.shape[a] for a in platform.partitioned_axes())
 
 
 def _rows(q_latent, q_rope, rows: int):
@@ -223,8 +246,8 @@ def _triton(q_latent, q_rope, c_kv, k_rope, lengths, *, scale, block_table, bloc
           pl.BlockSpec((None, None, block_rows), lambda b, r, j: (b, j, r)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((B, num_splits, row_blocks * block_rows, C), jnp.float32),
-          jax.ShapeDtypeStruct((B, num_splits, row_blocks * block_rows), jnp.float32),
+          tiles.out_struct((B, num_splits, row_blocks * block_rows, C), jnp.float32, q, c_kv),
+          tiles.out_struct((B, num_splits, row_blocks * block_rows), jnp.float32, q, c_kv),
       ],
       interpret=interpret,
       # Explicitly Triton: since JAX 0.10 a GPU pallas_call without compiler parameters is

@@ -129,8 +129,8 @@ def partials(q: jax.Array, qr: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((B, num_splits, Zp, C), jnp.float32),
-                 jax.ShapeDtypeStruct((B, num_splits, Zp, 1), jnp.float32)],
+      out_shape=[tiles.out_struct((B, num_splits, Zp, C), jnp.float32, q, c_kv),
+                 tiles.out_struct((B, num_splits, Zp, 1), jnp.float32, q, c_kv)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=_interpret_mode(interpret),

@@ -1,6 +1,7 @@
 """Which kernel runs where: `backend=None | 'triton' | 'mosaic_tpu'`, chosen by the platform being
 lowered for, not by the host's default backend (`jax.default_backend()` is 'cpu' on a CPU host
-compiling ahead of time for a TPU, and the TPU kernel must still be the one inside)."""
+compiling ahead of time for a TPU, and the TPU kernel must still be the one inside); and on a
+mesh, whether XLA would have to partition a kernel call, which it cannot (`partitioned_axes`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def dispatch(backend: str | None, interpret: bool | None, triton: Callable, mosa
   if interpret is None:
     branches['cpu'] = lambda: triton(interpret=True)
   return jax.lax.platform_dependent(**branches)
+
+
+def partitioned_axes() -> tuple[str, ...]:
+  """The mesh axes of several devices that XLA partitions where this is traced: the `Auto` axes
+  of the ambient mesh (`jax.set_mesh`), outside `jax.shard_map` (whose axes are manual). XLA
+  cannot partition a compiled Pallas call (Mosaic or Triton), so where this is not empty a
+  kernel runs per device only inside a shard_map over these axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return tuple(name for name, size in zip(mesh.axis_names, mesh.axis_sizes)
+               if size > 1 and name in mesh.auto_axes)

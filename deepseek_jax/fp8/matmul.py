@@ -41,7 +41,7 @@ from deepseek_jax.config import KERNELS  # the values of ModelConfig.fp8_matmul_
 from deepseek_jax.fp8.quant import (ACT_BLOCK, TOKEN_BLOCK, WEIGHT_BLOCK, QuantizedWeight,
                                     num_blocks, quantize)
 from kernels import fp8_matmul as fp8_kernel
-from kernels import reference
+from kernels import platform, reference
 
 BLOCK_K = 128  # N_C: I elements per FP8 partial product before promotion to FP32
 ACCUMULATE = ('float32', 'bfloat16')
@@ -192,10 +192,21 @@ def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
 
 
 def _scaled_matmul_pallas(x_values, x_scales, w_values, w_scales, accumulate):
-  """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of an I block)."""
-  if accumulate != 'float32':  # the kernel keeps its running sum in FP32 only
+  """The Pallas kernel; shapes as `jnp` (x scales per row, w scales per column of an I block).
+  Where the GEMM is not per device, the XLA GEMMs instead (`_partitioned_by_xla`)."""
+  if accumulate != 'float32' or _partitioned_by_xla():  # the kernel sums in FP32 only
     return _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate)
   return fp8_kernel.fp8_matmul(x_values, x_scales, w_values, w_scales)
+
+
+def _partitioned_by_xla() -> bool:
+  """Whether XLA partitions this GEMM over a mesh (`kernels.platform.partitioned_axes`), which it
+  cannot do with a Pallas call: there the XLA GEMMs run. The kernel runs where each device has
+  its own GEMM: one device, or inside shard_map (the experts' GEMMs,
+  `layers/expert_parallel.py`). Running MLA's and the dense FFNs' GEMMs through the kernel on a
+  mesh needs them wrapped in shard_map too (rows split over the batch axes; the weight
+  gradient's contraction over tokens summed with psum)."""
+  return bool(platform.partitioned_axes())
 
 
 def _scaled_matmul_jnp(x_values, x_scales, w_values, w_scales, accumulate):

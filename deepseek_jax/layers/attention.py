@@ -337,13 +337,15 @@ def absorbed(q_nope: jax.Array, q_rope: jax.Array, c_new: jax.Array, k_rope_new:
   [B, T, R] at positions [B, T] against the latent cache -> (o [B, T, N, U], updated layer).
 
   `kernel` is `ModelConfig.mla_decode_kernel`: 'xla' (the einsums below), 'pallas'
-  (`kernels/mla_decode.py`), or 'auto' (the kernel where `mla_decode.use_kernel` says it fits)."""
+  (`kernels/mla_decode.py`), or 'auto' (the kernel where `mla_decode.use_kernel` says it fits);
+  on a mesh the kernel runs per device on its rows of the batch, if the batch splits evenly."""
   dt = q_nope.dtype
   c_kv, k_rope = layer.c_kv.astype(dt), layer.k_rope.astype(dt)  # [B, S, C], [B, S, R]
   B, T, N, _ = q_nope.shape
   S = c_kv.shape[1]
   q_lat = jnp.einsum('BTNH,NCH->BTNC', q_nope, weights.w_uk.astype(dt))
-  if mla_decode.use_kernel(kernel, T, c_kv.shape[-1], k_rope.shape[-1]):
+  if (mla_decode.use_kernel(kernel, T, c_kv.shape[-1], k_rope.shape[-1])
+      and mla_decode.splits_batch(B)):
     return _absorbed_kernel(q_lat, q_rope, c_new, k_rope_new, positions, layer, weights, scale)
   # The products over the cache are two plain GEMMs per sequence, with the new tokens' heads as
   # one dimension Z = T x N and the scores S-major (on XLA:CPU about 2x faster than the same
