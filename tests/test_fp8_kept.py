@@ -229,12 +229,16 @@ def test_bad_requests_are_named(checkpoint, tmp_path):
 
 
 def test_training_a_kept_model_is_refused():
+  """The loop and `experiments.compile --what=train` build their state here; inference (and its
+  ahead-of-time compile, `--what=decode`) takes the config."""
   from deepseek_jax.train import config as train_config
+  from deepseek_jax.train import loop
   from experiments.configs import tiny
   config = tiny.get_config()
   config.model.update(FP8_WIDTHS, precision='fp8', fp8_weights=True)
+  run = train_config.resolve(config)
   with pytest.raises(ValueError, match='fp8_weights=True: weights kept in E4M3 are for inference'):
-    train_config.resolve(config)
+    loop.train_state_layout(run, 0, None, None)
 
 
 def test_quantize_weights_keeps_each_weights_sharding():

@@ -154,10 +154,6 @@ def resolve(config, explicit: Collection[str] = ()) -> RunConfig:
   """The typed `model`, `train` and `mesh` sections of a run's ConfigDict (`mesh` at its defaults
   when absent). `explicit`: `train.*` field names given on the command line."""
   model = ModelConfig.from_dict(config.model.to_dict())
-  if model.fp8_weights:
-    raise ValueError('ModelConfig.fp8_weights=True: weights kept in E4M3 are for inference (they '
-                     "have no gradient); training keeps float32 masters, which precision='fp8' "
-                     'quantizes online')
   train, notes = fit_train(config.train.to_dict(), model.precision, explicit)
   mesh = MeshConfig.from_dict(config.mesh.to_dict() if config.get('mesh') else {})
   return RunConfig(model, train, mesh, notes)

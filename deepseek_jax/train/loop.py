@@ -218,6 +218,10 @@ def train_state_layout(run: RunConfig, seed: int, mesh, table) -> TrainStateLayo
   """The optimizer, initializer, abstract train state and its shardings on `mesh` under `table`:
   what the loop creates or restores the state onto and jits its step with (and what
   `analysis.compile` compiles ahead of time). Call it outside `jax.set_mesh`."""
+  if run.model.fp8_weights:
+    raise ValueError('ModelConfig.fp8_weights=True: weights kept in E4M3 are for inference (they '
+                     "have no gradient); training keeps float32 masters, which precision='fp8' "
+                     'quantizes online')
   tx = opt_lib.make_optimizer(run.train)
   init = step_lib.initializer(run.model, seed, tx)
   abstract_state, abstract_rest = jax.eval_shape(init)
