@@ -12,13 +12,17 @@ config from config.json and the source; plus `<workdir>/tokenizer.json`, the dir
 Give the `--config` (and `--config.train.*` overrides) the workdir will train with: the optimizer
 state's shape follows it (e.g. `bf16_moments`, `grad_clip`). The run then takes its model config
 from the checkpoint (deepseek_jax/train/pretrained.py), so the config file's `model` section
-does not have to match.
+does not have to match. The weights are read onto the config's mesh (`config.mesh`), so several
+processes (`experiments/distributed.py`'s flags, as `experiments.run` takes them) each read
+only their own blocks and write their own part of the checkpoint; process 0 prints.
 """
 
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/finetune.py',
                                           'The config the workdir will train with.')
@@ -30,6 +34,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The new training workdir.', req
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  distributed.initialize()
+  import jax  # pylint: disable=import-outside-toplevel  (after jax.distributed)
   from deepseek_jax.train import loop  # pylint: disable=import-outside-toplevel
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   explicit_model = {name.split('.', 1)[1] for name in overrides if name.startswith('model.')}
@@ -37,7 +43,8 @@ def main(argv):
     where = loop.convert(_CONFIG.value, _HF.value, _WORKDIR.value, explicit_model)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  print(f'wrote {where}')
+  if jax.process_index() == 0:
+    print(f'wrote {where}')
 
 
 if __name__ == '__main__':

@@ -324,3 +324,35 @@ def test_pretrained_tokenizer_counts_bytes_and_round_trips(pretrained):
   assert tokenizer.bytes_per_token[1] == len(SPECIAL[1].encode('utf-8'))  # matched literally
   assert [a.tolist() for a in tokenizer.encode_batch([text, 'expert'])] == [
       ids.tolist(), tokenizer.encode('expert').tolist()]
+
+
+@pytest.mark.slow
+def test_two_processes_convert_like_one(pretrained, tmp_path):
+  """`experiments.convert` on 2 processes x 4 CPU devices (mesh 2 x 2 x 2 with FSDP): each reads
+  its own blocks and writes its part of the step-0 checkpoint, process 0 alone prints; one
+  process then restores exactly the weights of the plain import."""
+  from tests import processes as processes_lib  # pylint: disable=import-outside-toplevel
+  directory, corpus = pretrained
+  config_path = tmp_path / 'small.py'
+  config_path.write_text(CONFIG_FILE.replace('TRAIN', repr({**SMALL_TRAIN, 'batch_size': 8}))
+                         .replace('CORPUS', repr(str(corpus))))
+  workdir = tmp_path / 'converted'
+  env = dict(CLI_ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  address = f'127.0.0.1:{processes_lib.free_port()}'
+  flags = [f'--hf={directory}', f'--workdir={workdir}', f'--config={config_path}',
+           '--config.mesh.data=2', '--config.mesh.expert=2', '--config.mesh.plane=2',
+           '--config.mesh.fsdp=True', f'--coordinator_address={address}', '--num_processes=2']
+  processes = [subprocess.Popen([sys.executable, '-m', 'experiments.convert', *flags,
+                                 f'--process_id={i}'], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outputs = processes_lib.finish(processes, 240)
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'wrote' in outputs[0][0] and 'wrote' not in outputs[1][0]
+  restored = ckpt_lib.restore_model(workdir / 'checkpoints')
+  _, plain = hf_lib.load_pretrained(directory, scan_layers=restored.cfg.scan_layers)
+  got = dict(nnx.to_flat_state(nnx.state(restored.model)))
+  want = dict(nnx.to_flat_state(nnx.state(plain)))
+  assert got.keys() == want.keys()
+  for path, variable in want.items():
+    assert np.array_equal(np.asarray(got[path].get_value()), np.asarray(variable.get_value())), path
