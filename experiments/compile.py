@@ -3,7 +3,7 @@ and prints its per-device memory against the chip's HBM, its FLOPs and its colle
 then one JSON line (the last line).
 
   python -m experiments.compile --config=experiments/configs/deepseek_v3.py --topology=v5p:8x8x16 \
-      [--what=train|prefill|decode] [--config.mesh.expert=8 --config.mesh.plane=4 ...]
+      [--what=train|prefill|decode] [--param_dtype=bfloat16] [--config.mesh.expert=8 ...]
 
 The batch is train.batch_size x train.seq_len (prefill and decode: that many sequences, a cache of
 train.seq_len slots). A step that does not fit is reported with "fits": false (exit status 0).
@@ -29,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice, e.g. v5e:2x2, v5p:8x8x16, '
                                 'tpu7x:4x4x8.', required=True)
 _WHAT = flags.DEFINE_enum('what', 'train', ['train', 'prefill', 'decode'], 'Which step.')
+_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'],
+                                 'Float parameters of prefill and decode (training: float32); '
+                                 'weights kept in E4M3 (--config.model.fp8_weights) stay so.')
 
 
 def main(argv):
@@ -38,7 +41,8 @@ def main(argv):
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   explicit = {name.split('.', 1)[1] for name in overrides if name.startswith('train.')}
   try:
-    report = compile_lib.compile_report(_CONFIG.value, _TOPOLOGY.value, _WHAT.value, explicit)
+    report = compile_lib.compile_report(_CONFIG.value, _TOPOLOGY.value, _WHAT.value, explicit,
+                                        _PARAM_DTYPE.value)
   except (compile_lib.LibtpuMissing, ValueError) as e:
     sys.exit(f'error: {e}')
   print(compile_lib.format_report(report))

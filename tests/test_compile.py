@@ -93,6 +93,26 @@ def test_decode_step_compiles():
 
 
 @needs_libtpu
+def test_decode_in_bfloat16_and_with_weights_kept_in_fp8():
+  """`param_dtype='bfloat16'` halves the float parameters; `fp8_weights` keeps the FP8 set in
+  E4M3 (1 byte plus a float32 scale per column of 128 rows: at the tiny widths, I = 32 or 48,
+  one scale per 32 or 48 bytes). The cache and inputs are the same in all three."""
+  reports = {}
+  for name, model, dtype in (('float32', {}, 'float32'), ('bfloat16', {}, 'bfloat16'),
+                             ('fp8', dict(precision='fp8', fp8_weights=True), 'bfloat16')):
+    config = small_config()
+    config.model.update(model)
+    reports[name] = compile_lib.compile_report(config, TOPOLOGY, 'decode', param_dtype=dtype)
+  args = {name: r['bytes_per_device']['argument'] for name, r in reports.items()}
+  print(args)
+  assert args['fp8'] < args['bfloat16'] < args['float32']
+  assert reports['fp8']['fp8_weights'] and reports['fp8']['fits']
+  with pytest.raises(ValueError, match="param_dtype='bfloat16': training keeps float32"):
+    compile_lib.target(small_config(), compile_lib.topology_devices(TOPOLOGY), 'train',
+                       param_dtype='bfloat16')
+
+
+@needs_libtpu
 def test_a_batch_too_big_is_reported_not_raised_by_the_command():
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.compile', f'--topology={TOPOLOGY}',

@@ -154,15 +154,18 @@ def train_target(config, devices, explicit: Collection[str] = ()) -> Target:
   return Target(jitted, args, mesh, run, per_token * t.batch_size * t.seq_len)
 
 
-def inference_target(config, devices, what: str) -> Target:
+def inference_target(config, devices, what: str, param_dtype: str = 'float32') -> Target:
   """The decoder's jitted prefill (train.seq_len prompt tokens per sequence) or decode step (one
   token), batch train.batch_size, over a latent cache of train.seq_len slots; the model's state
-  sharded by the rules table, the cache split over the batch axes."""
+  sharded by the rules table, the cache split over the batch axes. Float parameters in
+  `param_dtype` (as `load_pretrained(param_dtype=...)` serves them); weights kept in E4M3
+  (`fp8_weights`) and router biases stay as they are."""
   run = resolve(config)
   cfg, t = run.model, run.train
   B, S = t.batch_size, t.seq_len
   mesh, table = loop_lib.build_mesh(run.mesh, cfg, B, devices)
   graphdef, state = nnx.split(model_lib.abstract(cfg))
+  state = _with_param_dtype(state, jnp.dtype(param_dtype))
   state = sharding.with_shardings(state, sharding.variable_shardings(state, mesh, table))
   cache = jax.eval_shape(lambda: cache_lib.init(cfg, B, S))
   cache = sharding.with_shardings(cache, cache_lib.shardings(cache, mesh))
@@ -187,11 +190,28 @@ def inference_target(config, devices, what: str) -> Target:
   return Target(decode_lib.jit_step, args, mesh, run, (matmul + attention) * B, note)
 
 
-def target(config, devices, what: str, explicit: Collection[str] = ()) -> Target:
+def _with_param_dtype(state: nnx.State, dtype) -> nnx.State:
+  """The abstract state with every float `nnx.Param` but the E4M3 ones in `dtype`."""
+  def cast(variable):
+    value = variable.get_value()
+    if (isinstance(variable, nnx.Param) and jnp.issubdtype(value.dtype, jnp.floating)
+        and value.dtype != jnp.float8_e4m3fn):
+      return variable.replace(jax.ShapeDtypeStruct(value.shape, dtype))
+    return variable
+  return nnx.from_flat_state([(path, cast(v)) for path, v in nnx.to_flat_state(state)])
+
+
+def target(config, devices, what: str, explicit: Collection[str] = (),
+           param_dtype: str = 'float32') -> Target:
+  """`what`'s target; `param_dtype` is the float parameters' dtype of prefill and decode
+  (training keeps float32 masters)."""
   if what not in WHAT:
     raise ValueError(f'what={what!r}: must be one of {WHAT}')
-  return train_target(config, devices, explicit) if what == 'train' else inference_target(
-      config, devices, what)
+  if what == 'train':
+    if param_dtype != 'float32':
+      raise ValueError(f'param_dtype={param_dtype!r}: training keeps float32 master weights')
+    return train_target(config, devices, explicit)
+  return inference_target(config, devices, what, param_dtype)
 
 
 # ---- reading the compiled step ---------------------------------------------------------------
@@ -287,11 +307,11 @@ def _no_persistent_cache_writes():
 
 # ---- the report ------------------------------------------------------------------------------
 
-def compile_report(config, topology: str, what: str = 'train',
-                   explicit: Collection[str] = ()) -> dict[str, Any]:
+def compile_report(config, topology: str, what: str = 'train', explicit: Collection[str] = (),
+                   param_dtype: str = 'float32') -> dict[str, Any]:
   """Compiles `what` of `config` for `topology` and returns the report (module docstring)."""
   devices = topology_devices(topology)
-  tgt = target(config, devices, what, explicit)
+  tgt = target(config, devices, what, explicit, param_dtype)
   hbm = hbm_per_device(topology, devices)
   n = len(devices)
   mesh_cfg = tgt.run.mesh
@@ -300,7 +320,8 @@ def compile_report(config, topology: str, what: str = 'train',
       'devices_per_chip': devices_per_chip(devices), 'what': what,
       'mesh': {**dict(tgt.mesh.shape), 'fsdp': mesh_cfg.fsdp, 'devices_used': tgt.mesh.size},
       'batch': tgt.run.train.batch_size, 'seq_len': tgt.run.train.seq_len,
-      'num_layers': tgt.run.model.num_layers,
+      'num_layers': tgt.run.model.num_layers, 'param_dtype': param_dtype,
+      'fp8_weights': tgt.run.model.fp8_weights,
   }
   if tgt.cache:
     report['cache'] = tgt.cache
