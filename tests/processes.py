@@ -1,9 +1,13 @@
 """The tests' multi-process runs (gloo on 127.0.0.1): a free coordinator port, and waiting for
 processes without ever blocking the suite."""
 
+import pathlib
 import socket
 import subprocess
+import sys
 import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -23,3 +27,19 @@ def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str,
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def run_entry_point(module: str, flags: list[str], env: dict, processes: int = 2,
+                    timeout: float = 240) -> list[tuple[str, str]]:
+  """`python -m <module> <flags>` as `processes` gloo processes on this host (the coordinator
+  flags of `experiments/distributed.py` added), each one's (stdout, stderr); asserts that every
+  one exited 0, showing the failing one's stderr."""
+  address = f'127.0.0.1:{free_port()}'
+  started = [subprocess.Popen(
+      [sys.executable, '-m', module, *flags, f'--coordinator_address={address}',
+       f'--num_processes={processes}', f'--process_id={i}'], cwd=ROOT, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(processes)]
+  outputs = finish(started, timeout)
+  for p, (_, err) in zip(started, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return outputs

@@ -79,16 +79,9 @@ def test_two_processes_evaluate_like_one(saved):
   loss is the float64 reference's, printed once."""
   import os  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  address = f'127.0.0.1:{processes_lib.free_port()}'
-  flags = [f'--hf={saved}', f'--data.path={saved / "text.txt"}', f'--seq_len={T}',
-           f'--batch_size={B}', '--max_batches=2', '--mesh=1,2,4',
-           f'--coordinator_address={address}', '--num_processes=2']
-  processes = [subprocess.Popen([sys.executable, '-m', 'experiments.eval', *flags,
-                                 f'--process_id={i}'], cwd=ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  outputs = processes_lib.finish(processes, 240)
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+  outputs = processes_lib.run_entry_point('experiments.eval', [
+      f'--hf={saved}', f'--data.path={saved / "text.txt"}', f'--seq_len={T}',
+      f'--batch_size={B}', '--max_batches=2', '--mesh=1,2,4'], env)
   # only process 0 prints its JSON (gloo prints its own connection lines)
   assert not [line for line in outputs[1][0].splitlines() if line.startswith('{')]
   out = json.loads(outputs[0][0].strip().splitlines()[-1])

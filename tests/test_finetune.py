@@ -338,16 +338,10 @@ def test_two_processes_convert_like_one(pretrained, tmp_path):
                          .replace('CORPUS', repr(str(corpus))))
   workdir = tmp_path / 'converted'
   env = dict(CLI_ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  address = f'127.0.0.1:{processes_lib.free_port()}'
-  flags = [f'--hf={directory}', f'--workdir={workdir}', f'--config={config_path}',
-           '--config.mesh.data=2', '--config.mesh.expert=2', '--config.mesh.plane=2',
-           '--config.mesh.fsdp=True', f'--coordinator_address={address}', '--num_processes=2']
-  processes = [subprocess.Popen([sys.executable, '-m', 'experiments.convert', *flags,
-                                 f'--process_id={i}'], cwd=ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  outputs = processes_lib.finish(processes, 240)
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+  outputs = processes_lib.run_entry_point('experiments.convert', [
+      f'--hf={directory}', f'--workdir={workdir}', f'--config={config_path}',
+      '--config.mesh.data=2', '--config.mesh.expert=2', '--config.mesh.plane=2',
+      '--config.mesh.fsdp=True'], env)
   assert 'wrote' in outputs[0][0] and 'wrote' not in outputs[1][0]
   restored = ckpt_lib.restore_model(workdir / 'checkpoints')
   _, plain = hf_lib.load_pretrained(directory, scan_layers=restored.cfg.scan_layers)
