@@ -89,8 +89,11 @@ def block_scaled_matmul(x_values: jax.Array, x_scales: jax.Array, w_values: jax.
       acc = acc.astype(jnp.bfloat16).astype(jnp.float32)
     return acc, None
 
-  acc, _ = jax.lax.scan(add_block, jnp.zeros((M, N), jnp.float32),
-                        (x_blocks, w_blocks, x_scales.T, w_scales))  # [b, Z, i], [b, i, O], ...
+  blocks = (x_blocks, w_blocks, x_scales.T, w_scales)  # [b, Z, i], [b, i, O], [b, Z], [b, O]
+  # The sum starts from the first block's product rather than from zeros, so that inside
+  # jax.shard_map it varies over the operands' mesh axes, as the loop's body makes it.
+  first, _ = add_block(jnp.float32(0), jax.tree.map(lambda a: a[0], blocks))
+  acc, _ = jax.lax.scan(add_block, first, jax.tree.map(lambda a: a[1:], blocks))
   return acc
 
 

@@ -23,7 +23,9 @@ Implementations behind `scaled_matmul(impl=...)` (see `_dispatch`), one signatur
   E4M3 value times its FP32 scale is exact up to one FP32 rounding, so it differs from 'jnp' only
   by FP32 rounding and summation order (tested).
   CPUs have no FP8 units (XLA converts FP8 operands to FP32 anyway), so 'auto' picks it there:
-  one GEMM instead of I/128 small ones.
+  one GEMM instead of I/128 small ones. 'auto' is decided by the platform lowered for
+  (`jax.lax.platform_dependent`): 'dequant' on CPU, 'jnp' elsewhere, also when a CPU host
+  compiles for a TPU.
 - 'pallas': `kernels/fp8_matmul.py`, the same per-block sum as one Pallas kernel (Triton on GPU,
   Mosaic on TPU, interpret mode on CPU). It takes x scales per row and w scales per column of
   each I block, which every layout here becomes after `_per_line`. 'auto' never picks it; the
@@ -169,9 +171,11 @@ _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # ---- implementations -----------------------------------------------------------------------------
 
 def _dispatch(impl: str):
-  """The one place a backend-specific kernel plugs in (e.g. Pallas on GPU/TPU)."""
+  """The one place a backend-specific kernel plugs in (e.g. Pallas on GPU/TPU). 'auto' is decided
+  by the platform lowered for, not the host: a program compiled ahead of time for a TPU from a
+  CPU host gets 'jnp' (FP8 dots), not 'dequant' (float32 copies of the weights)."""
   if impl == 'auto':
-    impl = 'dequant' if jax.default_backend() == 'cpu' else 'jnp'
+    return _scaled_matmul_auto
   if impl == 'jnp':
     return _scaled_matmul_jnp
   if impl == 'dequant':
@@ -179,6 +183,13 @@ def _dispatch(impl: str):
   if impl == 'pallas':
     return _scaled_matmul_pallas
   raise ValueError(f'scaled_matmul: impl={impl!r}, expected one of {IMPLS}')
+
+
+def _scaled_matmul_auto(x_values, x_scales, w_values, w_scales, accumulate):
+  pick = lambda impl: lambda *arrays: impl(*arrays, accumulate)
+  return jax.lax.platform_dependent(x_values, x_scales, w_values, w_scales,
+                                    cpu=pick(_scaled_matmul_dequant),
+                                    default=pick(_scaled_matmul_jnp))
 
 
 def _scaled_matmul_dequant(x_values, x_scales, w_values, w_scales, accumulate):
