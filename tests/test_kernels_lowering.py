@@ -203,19 +203,22 @@ def test_model_decode_step_lowers_for_cuda_with_the_triton_kernel():
 
 @needs_libtpu
 @pytest.mark.parametrize('what', ['train', 'decode'])
-def test_fp8_model_compiles_for_a_tpu_mesh_with_the_kernels(what):
+@pytest.mark.parametrize('kernel', ['pallas', 'xla'])
+def test_fp8_model_compiles_for_a_tpu_mesh_with_the_kernels(what, kernel):
   """The tiny FP8 model with both kernel switches at 'pallas' on all 4 devices of v5e:2x2 (the
   `experiments.compile` step; decode with its weights kept in E4M3). The routed experts' GEMMs
   run the Mosaic FP8 kernel inside their shard_map, whose output is told which axes it varies
   over (`kernels.tiles.out_struct`); the GEMMs XLA partitions take the XLA FP8 GEMMs
   (`fp8.matmul._partitioned_by_xla`); the decode attention kernel runs in a shard_map of its own
   over the batch. Before these, neither step traced: shard_map refused the kernel's output, and
-  XLA cannot partition a Mosaic call."""
+  XLA cannot partition a Mosaic call. With both switches at 'xla' the FP8 GEMMs are XLA's
+  per-block FP8 dots ('jnp', picked for the TPU although the host is a CPU), whose running sum
+  did not trace inside the experts' shard_map either."""
   from deepseek_jax.analysis import compile as compile_lib
   from experiments.configs import tiny
   config = tiny.get_config()
-  config.model.update(precision='fp8', fp8_matmul_kernel='pallas', fp8_weights=what == 'decode',
-                      mla_decode_kernel='pallas')
+  config.model.update(precision='fp8', fp8_matmul_kernel=kernel, fp8_weights=what == 'decode',
+                      mla_decode_kernel=kernel)
   target = compile_lib.target(config, compile_lib.topology_devices('v5e:2x2'), what)
   with jax.set_mesh(target.mesh):
     lowered = target.jitted.lower(*target.args)
@@ -226,6 +229,9 @@ def test_fp8_model_compiles_for_a_tpu_mesh_with_the_kernels(what):
   gemms = (3 * (cfg.num_moe_layers + cfg.mtp_depth) * 4 if what == 'train'
            else 3 * cfg.num_moe_layers)
   attention = cfg.num_layers if what == 'decode' else 0  # one decode kernel per layer
+  if kernel == 'xla':
+    gemms = attention = 0
+    assert 'f8E4M3FN' in text  # the FP8 dots
   assert text.count('tpu_custom_call') == gemms + attention
   assert text.count('fp8_matmul_tpu') == gemms
   assert lowered.compile().memory_analysis() is not None
