@@ -2,7 +2,9 @@
 `load_pretrained(keep_fp8=True)`): each kept weight times its scales is, bit for bit, the
 dequantized import of the same FP8 checkpoint; the kept GEMM is the FP8 activations times the
 stored weight (float64 numpy); kept and dequantized models both match transformers on the
-dequantized weights; a (2, 2, 2) mesh gives the one-device logits; bad requests are named.
+dequantized weights; a (2, 2, 2) mesh holds the one-device blocks and gives its logits;
+`quantize_weights` keeps each weight's sharding; `experiments.eval --keep_fp8` on a mesh; bad
+requests are named and training refuses kept weights.
 
 The checkpoint's head sizes make its 128-row scale blocks straddle our parameters as V3's do:
 q_b_proj's 48 rows per head (V3: 192), kv_b_proj's 88, o_proj's 48 columns per head, kv_a's
