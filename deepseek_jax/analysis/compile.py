@@ -46,6 +46,7 @@ from deepseek_jax.analysis import params as params_lib
 from deepseek_jax.inference import cache as cache_lib
 from deepseek_jax.inference import decode as decode_lib
 from deepseek_jax.inference import sampling as sampling_lib
+from deepseek_jax.layers import param as param_lib
 from deepseek_jax.train import loop as loop_lib
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.config import RunConfig, resolve
@@ -191,12 +192,11 @@ def inference_target(config, devices, what: str, param_dtype: str = 'float32') -
 
 
 def _with_param_dtype(state: nnx.State, dtype) -> nnx.State:
-  """The abstract state with every float `nnx.Param` but the E4M3 ones in `dtype`."""
+  """The abstract state with the variables that follow the parameter dtype
+  (`param.follows_param_dtype`, as `load_pretrained` has them) in `dtype`."""
   def cast(variable):
-    value = variable.get_value()
-    if (isinstance(variable, nnx.Param) and jnp.issubdtype(value.dtype, jnp.floating)
-        and value.dtype != jnp.float8_e4m3fn):
-      return variable.replace(jax.ShapeDtypeStruct(value.shape, dtype))
+    if param_lib.follows_param_dtype(variable):
+      return variable.replace(jax.ShapeDtypeStruct(variable.get_value().shape, dtype))
     return variable
   return nnx.from_flat_state([(path, cast(v)) for path, v in nnx.to_flat_state(state)])
 

@@ -29,6 +29,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax import sharding as sharding_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.convert import safetensors_io
+from deepseek_jax.layers import param as param_lib
 from deepseek_jax.layers import rope
 from deepseek_jax.layers.block import is_moe_layer
 
@@ -543,9 +544,7 @@ def load_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = {p: one for p in leaves}
   sources = _Sources(ckpt, block, kept)
-  rounded = lambda v: (isinstance(v, nnx.Param) and v.get_value().dtype != FP8  # kept E4M3 stays
-                       and jnp.issubdtype(v.get_value().dtype, jnp.floating))
-  dtypes = {p: jnp.dtype(param_dtype) if rounded(v) else v.get_value().dtype
+  dtypes = {p: jnp.dtype(param_dtype) if param_lib.follows_param_dtype(v) else v.get_value().dtype
             for p, v in leaves.items()}
   total = sum(math.prod(v.get_value().shape) * dtypes[p].itemsize for p, v in leaves.items())
   bar = tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='load_pretrained',

@@ -59,6 +59,14 @@ def linear_weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None
           Fp8Scale(kept.scales, out_sharding=scale_axes))
 
 
+def follows_param_dtype(variable: nnx.Variable) -> bool:
+  """Whether a variable is stored in the `param_dtype` a model is loaded or served in: every float
+  `nnx.Param` but the weights kept in E4M3 (router biases and FP8 scales are no Params)."""
+  dtype = variable.get_value().dtype
+  return (isinstance(variable, nnx.Param) and jnp.issubdtype(dtype, jnp.floating)
+          and dtype != fp8.FP8)
+
+
 def weight(w: nnx.Param, scale: Fp8Scale | None, dtype=None) -> jax.Array | fp8.QuantizedWeight:
   """What a linear layer multiplies: the weight (cast to `dtype` when given), or the kept E4M3
   weight with its scales, as they are stored."""
