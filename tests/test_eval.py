@@ -31,9 +31,10 @@ def saved(tmp_path_factory):
   return directory
 
 
-def reference(directory: pathlib.Path, batches: int) -> tuple[float, int]:
-  """(mean nats per token, tokens) over the first `batches` x B windows of T + 1 bytes."""
-  _, model = convert.load_pretrained(directory)
+def reference(directory: pathlib.Path, batches: int, keep_fp8: bool = False) -> tuple[float, int]:
+  """(mean nats per token, tokens) over the first `batches` x B windows of T + 1 bytes, from the
+  logits of the one-device import (`keep_fp8`: its weights kept in E4M3)."""
+  _, model = convert.load_pretrained(directory, keep_fp8=keep_fp8)
   data = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int32)
   ids = np.arange(batches * B)
   window = data[ids[:, None] * T + np.arange(T + 1)]

@@ -270,32 +270,16 @@ def test_quantize_weights_keeps_each_weights_sharding():
 @pytest.mark.slow
 def test_eval_keeps_fp8_on_a_mesh(tmp_path):
   """`experiments.eval --keep_fp8` on a (1, 2, 4) mesh: the cross-entropy of the one-device kept
-  model's logits (float64 numpy), up to the FP8 rounding flips of a different summation order
-  (see the mesh test above)."""
-  import json
-  import pathlib
-  import subprocess
-  import sys
-  from tests.test_eval import TEXT, B, T
+  model's logits (float64 numpy, `test_eval.reference`), up to the FP8 rounding flips of a
+  different summation order (see the mesh test above)."""
+  from tests.test_eval import TEXT, B, T, reference, run_eval
   hf = hf_model(seed=4, vocab_size=256, hidden_size=160, intermediate_size=272,
                 moe_intermediate_size=144, q_lora_rank=136)
   write_fp8(hf, tmp_path, released)
   (tmp_path / 'text.txt').write_text(TEXT)
-  result = subprocess.run(
-      [sys.executable, '-m', 'experiments.eval', f'--hf={tmp_path}',
-       f'--data.path={tmp_path / "text.txt"}', f'--seq_len={T}', f'--batch_size={B}',
-       '--max_batches=2', '--mesh=1,2,4', '--keep_fp8'],
-      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
-      timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])
-  _, kept = convert.load_pretrained(tmp_path, keep_fp8=True)
-  data = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int32)
-  window = data[np.arange(2 * B)[:, None] * T + np.arange(T + 1)]
-  logits = logits_on(kept, window[:, :-1]).astype(np.float64)
-  logits -= logits.max(-1, keepdims=True)
-  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  want = -np.take_along_axis(logp, window[:, 1:, None], -1).mean()
+  out = run_eval(f'--hf={tmp_path}', f'--data.path={tmp_path / "text.txt"}', f'--seq_len={T}',
+                 f'--batch_size={B}', '--max_batches=2', '--mesh=1,2,4', '--keep_fp8')
+  want, tokens = reference(tmp_path, 2, keep_fp8=True)
   print(f'eval_loss {out["eval_loss"]:.6f}, one device {want:.6f}')
-  assert out['fp8_weights'] and out['tokens'] == window[:, 1:].size
+  assert out['fp8_weights'] and out['tokens'] == tokens
   assert abs(out['eval_loss'] - want) <= 2e-3 * want  # measured 3.1e-4
