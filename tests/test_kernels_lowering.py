@@ -235,3 +235,37 @@ def test_fp8_model_compiles_for_a_tpu_mesh_with_the_kernels(what, kernel):
   assert text.count('tpu_custom_call') == gemms + attention
   assert text.count('fp8_matmul_tpu') == gemms
   assert lowered.compile().memory_analysis() is not None
+
+
+def test_fp8_decode_step_on_a_mesh_lowers_for_cuda_with_the_kernels():
+  """The same on a GPU mesh (4 CPU devices, data 1 x expert 2 x plane 2), lowered for CUDA: the
+  kept-FP8 tiny model's decode step holds one Triton call per routed-expert GEMM (inside their
+  shard_map) and one decode call per layer (in a shard_map over the batch)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from deepseek_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from deepseek_jax import sharding  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.inference import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  from deepseek_jax.inference import decode, sampling  # pylint: disable=import-outside-toplevel
+  from experiments.configs import tiny  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
+      num_layers=2, dtype='bfloat16', precision='fp8', fp8_weights=True,
+      mla_decode_kernel='pallas', fp8_matmul_kernel='pallas')
+  mesh = sharding.make_mesh(1, 2, 2)
+  graphdef, state = nnx.split(model_lib.abstract(cfg))
+  state = sharding.with_shardings(state, sharding.variable_shardings(state, mesh,
+                                                                      sharding.rules()))
+  B = 8
+  cache = jax.eval_shape(lambda: cache_lib.init(cfg, B, 256))
+  cache = sharding.with_shardings(cache, cache_lib.shardings(cache, mesh))
+  rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  args = (state, jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows), cache,
+          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh)),
+          jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
+  jitted = jax.jit(decode.step, static_argnums=(0, 1), donate_argnames='cache')
+  with jax.set_mesh(mesh):
+    text = jitted.trace(graphdef, sampling.Sampling(), *args).lower(
+        lowering_platforms=('cuda',)).as_text()
+  gemms = 3 * cfg.num_moe_layers
+  assert text.count(TRITON_CALL) == gemms + cfg.num_layers
